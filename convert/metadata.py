@@ -1,0 +1,91 @@
+"""GGUF metadata, derived from the parsed config and vocabulary only.
+
+Key spellings and value types are gguf-py's (the add_* helpers write the exact types llama.cpp
+checks); what llama.cpp requires is in pixtral-gguf-facts.md §4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gguf
+
+from pixtral_cpp.convert.chat_template import PIXTRAL_CHAT_TEMPLATE
+from pixtral_cpp.convert.config import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, PixtralConfig
+from pixtral_cpp.convert.tokenizer import Vocabulary, add_vocabulary_metadata
+
+TEXT_ARCH = "llama"  # Pixtral's decoder is Mistral-NeMo, which llama.cpp runs as `llama`
+MMPROJ_ARCH = "clip"  # the dummy arch llama.cpp's quantizer knows for projectors
+PROJECTOR_TYPE = gguf.VisionProjectorType.PIXTRAL
+
+# llama_ftype for general.file_type; mixes are rewritten by llama.cpp's quantizer itself.
+FILE_TYPES = {
+    gguf.GGMLQuantizationType.F32: gguf.LlamaFileType.ALL_F32,
+    gguf.GGMLQuantizationType.F16: gguf.LlamaFileType.MOSTLY_F16,
+    gguf.GGMLQuantizationType.BF16: gguf.LlamaFileType.MOSTLY_BF16,
+    gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Descriptive metadata: what the model is called and where it came from."""
+
+    name: str
+    license: str | None = None
+    source_url: str | None = None
+
+
+def _add_general(writer: gguf.GGUFWriter, info: ModelInfo, file_type: gguf.GGMLQuantizationType,
+                 kind: str) -> None:
+    writer.add_type(kind)
+    writer.add_name(info.name)
+    if info.license:
+        writer.add_license(info.license)
+    if info.source_url:
+        writer.add_source_url(info.source_url)
+    writer.add_file_type(int(FILE_TYPES[file_type]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def add_text_metadata(writer: gguf.GGUFWriter, config: PixtralConfig, vocab: Vocabulary, info: ModelInfo,
+                      file_type: gguf.GGMLQuantizationType) -> None:
+    """Hyper-parameters, tokenizer and chat template of the text GGUF."""
+    text = config.text
+    _add_general(writer, info, file_type, gguf.GGUFType.MODEL)
+    writer.add_context_length(text.context_length)
+    writer.add_embedding_length(text.hidden_size)
+    writer.add_block_count(text.num_layers)
+    writer.add_feed_forward_length(text.ffn_size)
+    writer.add_head_count(text.num_heads)
+    writer.add_head_count_kv(text.num_kv_heads)
+    writer.add_layer_norm_rms_eps(text.norm_eps)
+    # head_dim (128) is not hidden/heads (160) in Pixtral: without these llama.cpp assumes 160.
+    writer.add_key_length(text.head_dim)
+    writer.add_value_length(text.head_dim)
+    writer.add_rope_dimension_count(text.head_dim)
+    writer.add_rope_freq_base(text.rope_theta)
+    writer.add_vocab_size(len(vocab.tokens))
+    add_vocabulary_metadata(writer, vocab)
+    writer.add_chat_template(PIXTRAL_CHAT_TEMPLATE)
+
+
+def add_mmproj_metadata(writer: gguf.GGUFWriter, config: PixtralConfig, info: ModelInfo,
+                        file_type: gguf.GGMLQuantizationType) -> None:
+    """The clip keys mtmd reads for a Pixtral projector."""
+    vision = config.vision
+    _add_general(writer, info, file_type, gguf.GGUFType.MMPROJ)
+    writer.add_clip_has_vision_encoder(True)
+    writer.add_clip_projector_type(PROJECTOR_TYPE)
+    writer.add_vision_projection_dim(config.text.hidden_size)
+    writer.add_vision_image_size(vision.image_size)
+    writer.add_vision_patch_size(vision.patch_size)
+    writer.add_vision_embedding_length(vision.hidden_size)
+    writer.add_vision_feed_forward_length(vision.ffn_size)
+    writer.add_vision_block_count(vision.num_layers)
+    writer.add_vision_head_count(vision.num_heads)
+    writer.add_vision_attention_layernorm_eps(vision.norm_eps)
+    writer.add_vision_image_mean(list(CLIP_IMAGE_MEAN))
+    writer.add_vision_image_std(list(CLIP_IMAGE_STD))
+    # Without it mtmd runs a GELU-quick FFN: silently wrong (facts §4.2).
+    writer.add_vision_use_silu(True)

@@ -1,0 +1,47 @@
+"""Domain exceptions: every failure a user can act on derives from PixtralError."""
+
+from __future__ import annotations
+
+
+class PixtralError(Exception):
+    """Base class; the CLI turns it into a one-line message and exit code 1."""
+
+
+class CheckpointError(PixtralError):
+    """The source checkpoint is not a usable Pixtral checkpoint (layout, config, tensors)."""
+
+
+class UnsupportedCheckpointError(CheckpointError):
+    """The folder or repo holds something other than Pixtral in a layout we know."""
+
+
+class ConfigError(CheckpointError):
+    """A config key is missing, has the wrong type or contradicts another."""
+
+
+class TensorError(CheckpointError):
+    """A tensor is missing, unknown, duplicated, truncated or of the wrong shape."""
+
+
+class TokenizerError(CheckpointError):
+    """The tokenizer files are missing or unreadable."""
+
+
+class QuantizationError(PixtralError):
+    """An unknown or unsupported quantization type, or the quantizer failed."""
+
+
+class OutputError(PixtralError):
+    """The output cannot be written: it exists, the folder is unwritable, or the disk is too small."""
+
+
+class ModelError(PixtralError):
+    """A GGUF file is missing, truncated, not a GGUF, or the pair does not match."""
+
+
+class ImageError(PixtralError):
+    """An image cannot be read or is unsafe to decode."""
+
+
+class BackendError(PixtralError):
+    """llama.cpp could not be loaded or refused an operation."""
