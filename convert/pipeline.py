@@ -192,7 +192,7 @@ def _stream(writer: gguf.GGUFWriter, checkpoint: Checkpoint, tensors: list[Plann
 def _quantize_in_background(src: Path, dst: Path, quant: QuantType, threads: int | None, n_tensors: int,
                             progress: Progress) -> None:
     """Run llama.cpp's quantizer in a worker thread so Ctrl-C stays responsive in the main thread."""
-    from pixtral_cpp.llama_backend import LLAMA_FTYPES, quantize_gguf
+    from pixtral_cpp.backend.quantize import LLAMA_FTYPES, quantize_gguf
 
     if quant.name not in LLAMA_FTYPES:
         raise QuantizationError(f"this llama.cpp build does not offer {quant.name}")

@@ -55,7 +55,10 @@ class SafetensorsFile:
 
     def close(self) -> None:
         if self._map is not None:
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:  # arrays still view it; the mapping goes when they do
+                pass
             self._map = None
         self._file.close()
 

@@ -1,38 +1,51 @@
-"""Reading GGUF files back in tests."""
+"""Reading GGUF files back in tests (through the project's fast header reader)."""
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
+from gguf import GGMLQuantizationType, GGUFValueType
+
+from pixtral_cpp.gguf_file import GGUFHeader, read_gguf_header
 
 
-def read_gguf(path: Path) -> gguf.GGUFReader:
-    return gguf.GGUFReader(path)
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    tensor_type: GGMLQuantizationType
+    shape: tuple[int, ...]  # ggml order
+    data: np.ndarray  # float arrays for F32/F16 (torch order), raw bytes otherwise
 
 
-def field(reader: gguf.GGUFReader, key: str) -> Any:
-    f = reader.get_field(key)
-    assert f is not None, f"missing key {key}"
-    return f.contents()
+@functools.lru_cache(maxsize=32)
+def _cached(path: str, mtime_ns: int) -> GGUFHeader:
+    return read_gguf_header(path)
 
 
-def field_type(reader: gguf.GGUFReader, key: str) -> gguf.GGUFValueType:
-    f = reader.get_field(key)
-    assert f is not None, f"missing key {key}"
-    return f.types[0]
+def read_gguf(path: Path) -> GGUFHeader:
+    return _cached(str(path), Path(path).stat().st_mtime_ns)
 
 
-def tensors(reader: gguf.GGUFReader) -> dict[str, gguf.ReaderTensor]:
-    return {t.name: t for t in reader.tensors}
+def field(reader: GGUFHeader, key: str) -> Any:
+    assert key in reader.metadata, f"missing key {key}"
+    return reader.metadata[key]
 
 
-def tensor_bytes(t: gguf.ReaderTensor) -> bytes:
+def field_type(reader: GGUFHeader, key: str) -> GGUFValueType:
+    return reader.value_types[key]
+
+
+def tensors(reader: GGUFHeader) -> dict[str, Tensor]:
+    return {name: Tensor(name, t.type, t.ne, reader.tensor_data(name)) for name, t in reader.tensors.items()}
+
+
+def tensor_bytes(t: Tensor) -> bytes:
     return np.ascontiguousarray(t.data).tobytes()
 
 
-def ne(t: gguf.ReaderTensor) -> list[int]:
-    """ggml dimension order (fastest first)."""
+def ne(t: Tensor) -> list[int]:
     return [int(d) for d in t.shape]
