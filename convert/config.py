@@ -306,8 +306,9 @@ def _rope_theta(section: _Keys, default: float) -> float:
     """transformers < 5 writes `rope_theta`; 5.x nests it in `rope_parameters`."""
     params = section.data.get("rope_parameters")
     if isinstance(params, dict) and params.get("rope_theta") is not None:
+        # transformers 5 labels Pixtral's 2D vision RoPE "axial"; scaled variants (yarn, linear) are not Pixtral.
         rope_type = params.get("rope_type", "default")
-        if rope_type != "default":
+        if rope_type not in ("default", "axial"):
             raise ConfigError(f"{section.where}: rope_type {rope_type!r} is not supported (expected 'default')")
         return _Keys(params, f"{section.where} [rope_parameters]").float("rope_theta")
     return section.float("rope_theta", default)
