@@ -1,0 +1,230 @@
+"""The chat template, rendered like MTMDChatHandler and tokenized like mtmd, gives mistral-common's ids."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import llama_cpp
+import pytest
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter, MTMDChatHandler
+from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from PIL import Image
+from pixtral_cpp.convert.chat_template import MEDIA_MARKER, PIXTRAL_CHAT_TEMPLATE, render_chat
+from pixtral_cpp.convert.tokenizer import load_tekken
+
+from pixtral_cpp.synthetic.tekken import real_tekken_path, write_vocab_gguf
+
+BOS, IMG, IMG_BREAK, IMG_END = 1, 10, 12, 13
+PATCH = 16
+
+Part = str | Image.Image
+Conversation = list[tuple[str, str | list[Part]]]
+
+
+def picture(width: int, height: int, colour: str) -> Image.Image:
+    return Image.new("RGB", (width, height), colour)
+
+
+TALL, WIDE, SQUAT = picture(32, 48, "red"), picture(64, 16, "green"), picture(48, 32, "blue")
+
+CONVERSATIONS: dict[str, Conversation] = {
+    "single_turn": [("user", "What is the capital of France?")],
+    "system_then_two_user_turns": [
+        ("system", "You are a helpful assistant. Be brief."),
+        ("user", "Hi"),
+        ("assistant", "Hello! How can I help?"),
+        ("user", ["Describe this image.", TALL]),  # image last: mistral-common moves it first
+    ],
+    "images_between_text": [("user", ["Compare this:", TALL, "with this:", WIDE, "Which one is wider?"])],
+    "several_images_then_text": [("user", [TALL, WIDE, SQUAT, "Describe all three."])],
+    "two_texts_then_image": [("user", ["First part.", "Second part.", SQUAT])],
+    "image_turn_then_text_turn": [
+        ("system", "Answer in French."),
+        ("user", [TALL, "What colour is this?"]),
+        ("assistant", "Rouge.  "),  # mistral-common drops trailing spaces
+        ("user", "And the sky?"),
+    ],
+    "system_messages_between_user_runs": [
+        ("system", "S1"),
+        ("user", "a"),
+        ("user", [WIDE]),  # merged with "a" into [text, image], then the image moves first
+        ("system", "S2"),  # ends the user run, and joins S1 in the prompt of the last turn
+        ("user", "b"),
+    ],
+    "image_only": [("user", [WIDE])],
+    "system_before_text_first_turn": [("system", "Be concise."), ("user", ["Look:", SQUAT, "What is it?"])],
+    "assistant_first": [("assistant", "I start."), ("user", "Fine.")],
+}
+
+
+def openai_messages(conversation: Conversation) -> list[dict[str, Any]]:
+    def part(item: Part) -> dict[str, Any]:
+        if isinstance(item, str):
+            return {"type": "text", "text": item}
+        return {"type": "image_url", "image_url": {"url": f"file:///image-{id(item)}.png"}}
+
+    return [{"role": role, "content": content if isinstance(content, str) else [part(p) for p in content]}
+            for role, content in conversation]
+
+
+def mistral_request(conversation: Conversation) -> ChatCompletionRequest:
+    classes = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+
+    def chunk(item: Part) -> TextChunk | ImageChunk:
+        return TextChunk(text=item) if isinstance(item, str) else ImageChunk(image=item)
+
+    return ChatCompletionRequest(messages=[
+        classes[role](content=content if isinstance(content, str) else [chunk(p) for p in content])
+        for role, content in conversation
+    ])
+
+
+def reference_layout(image: Image.Image) -> tuple[str, int, int]:
+    """(rows, cols) of patches mistral-common gives a small image: the size rounded up to 16."""
+    return ("image", math.ceil(image.height / PATCH), math.ceil(image.width / PATCH))
+
+
+def images_in_handler_order(conversation: Conversation) -> list[Image.Image]:
+    # MTMDChatHandler.get_image_urls collects image parts of user messages in message order.
+    return [p for role, content in conversation if role == "user" and not isinstance(content, str)
+            for p in content if isinstance(p, Image.Image)]
+
+
+def mtmd_sequence(llama: llama_cpp.Llama, text: str, images: list[Image.Image]) -> list[Any]:
+    """What mtmd feeds the model: BOS, text pieces tokenized apart, each image followed by [IMG_END]."""
+    pieces = text.split(MEDIA_MARKER)
+    assert len(pieces) == len(images) + 1
+    sequence: list[Any] = [BOS]
+    for index, piece in enumerate(pieces):
+        if index:
+            sequence += [reference_layout(images[index - 1]), IMG_END]
+        sequence += llama.tokenize(piece.encode("utf-8"), add_bos=False, special=True)
+    return sequence
+
+
+def with_image_layouts(ids: list[int]) -> list[Any]:
+    """mistral-common's ids with each [IMG]/[IMG_BREAK] run replaced by its (rows, cols) layout."""
+    sequence: list[Any] = []
+    run: list[int] = []
+    for token in ids:
+        if token in (IMG, IMG_BREAK):
+            run.append(token)
+            continue
+        if token == IMG_END:
+            rows = run.count(IMG_BREAK) + 1
+            cols = run.count(IMG) // rows
+            assert run == ([IMG] * cols + [IMG_BREAK]) * (rows - 1) + [IMG] * cols
+            sequence.append(("image", rows, cols))
+            run = []
+        sequence.append(token)
+    assert run == []
+    return sequence
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> llama_cpp.Llama:
+    path = tmp_path_factory.mktemp("chat") / "vocab.gguf"
+    write_vocab_gguf(load_tekken(real_tekken_path()), path, chat_template=PIXTRAL_CHAT_TEMPLATE)
+    return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def mistral_tokenizer() -> MistralTokenizer:
+    return MistralTokenizer.from_file(real_tekken_path())
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_tokens_match_mistral_common(name: str, llama: llama_cpp.Llama,
+                                     mistral_tokenizer: MistralTokenizer) -> None:
+    conversation = CONVERSATIONS[name]
+    text = render_chat(openai_messages(conversation))
+    ours = mtmd_sequence(llama, text, images_in_handler_order(conversation))
+    reference = mistral_tokenizer.encode_chat_completion(mistral_request(conversation))
+    expected = with_image_layouts(reference.tokens)
+    assert ours == expected
+    assert "<s>" not in text and ours.count(BOS) == 1  # mtmd adds the only BOS
+
+
+TEXT_ONLY = [name for name, conversation in CONVERSATIONS.items()
+             if all(isinstance(content, str) for _, content in conversation)]
+
+
+@pytest.mark.parametrize("name", TEXT_ONLY)
+def test_text_only_formatter_gets_one_bos(name: str, llama: llama_cpp.Llama,
+                                          mistral_tokenizer: MistralTokenizer) -> None:
+    """Without an mmproj llama-cpp-python uses Jinja2ChatFormatter: bos_token "<s>" and no added BOS."""
+    conversation = CONVERSATIONS[name]
+    formatter = Jinja2ChatFormatter(
+        template=llama.metadata["tokenizer.chat_template"],
+        eos_token=llama.detokenize([llama.token_eos()], special=True).decode(),
+        bos_token=llama.detokenize([llama.token_bos()], special=True).decode(),
+    )
+    result = formatter(messages=openai_messages(conversation))
+    ids = llama.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+    assert result.prompt.startswith("<s>[INST]")
+    assert ids == mistral_tokenizer.encode_chat_completion(mistral_request(conversation)).tokens
+
+
+def test_render_matches_the_handler(llama: llama_cpp.Llama) -> None:
+    """Render with the handler's own message conversion, Jinja setup and template source (GGUF metadata)."""
+    template = llama.metadata["tokenizer.chat_template"]
+    assert template == PIXTRAL_CHAT_TEMPLATE
+    environment = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True,
+        extensions=[Jinja2ChatFormatter.IgnoreGenerationTags, jinja2.ext.loopcontrols],
+    )
+    for conversation in CONVERSATIONS.values():
+        messages = openai_messages(conversation)
+        handler_messages = [MTMDChatHandler._convert_message_for_template(m, MEDIA_MARKER) for m in messages]
+        rendered = environment.from_string(template).render(
+            messages=handler_messages, add_generation_prompt=True, bos_token="", eos_token="")
+        assert rendered == render_chat(messages)
+
+
+def test_rendered_prompts_read_as_expected() -> None:
+    image = {"type": "image_url", "image_url": {"url": "a.png"}}
+    text = {"type": "text", "text": "Describe this"}
+    assert render_chat([{"role": "user", "content": [text, image]}]) == (
+        "[INST]<__media__>Describe this[/INST]")
+    assert render_chat([{"role": "user", "content": [text, image, text]}]) == (
+        "[INST]Describe this<__media__>Describe this[/INST]")  # only [text, image] is reordered
+    assert render_chat([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": [text, image]},
+    ]) == "[INST]Hi[/INST]Hello!</s>[INST]Be brief.\n\n<__media__>Describe this[/INST]"
+
+
+def test_template_is_jinja_not_a_template_name() -> None:
+    assert PIXTRAL_CHAT_TEMPLATE.strip() != "mistral-v3-tekken"
+    assert MEDIA_MARKER in PIXTRAL_CHAT_TEMPLATE and "<s>" not in PIXTRAL_CHAT_TEMPLATE
+    rendered = render_chat(openai_messages(CONVERSATIONS["several_images_then_text"]))
+    assert rendered.count(MEDIA_MARKER) == 3
+
+
+@pytest.mark.parametrize(("messages", "problem"), [
+    ([{"role": "tool", "content": "42", "tool_call_id": "a"}], "no role 'tool'"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": None,
+      "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}],
+     "tool calls are not supported"),
+    ([{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "a.png"}}]}],
+     "only user messages can hold images"),
+    ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}], "'input_audio'"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}], "needs text content"),
+])
+def test_unsupported_conversations_raise(messages: list[dict[str, Any]], problem: str) -> None:
+    with pytest.raises(jinja2.TemplateError, match=problem):
+        render_chat(messages)
+
+
+def test_vocab_gguf_fixture_is_the_real_vocabulary(llama: llama_cpp.Llama) -> None:
+    assert llama.n_vocab() == 131072
+    assert llama.tokenize(b"[IMG_END]", add_bos=False, special=True) == [IMG_END]
