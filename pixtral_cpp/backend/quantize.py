@@ -1,0 +1,91 @@
+"""Quantization of a GGUF file (text model or mmproj) with llama.cpp's own quantizer."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+from pixtral_cpp.backend._native import bindings, is_gguf, last_native_error, log_listener
+from pixtral_cpp.errors import QuantizationError
+
+# llama_ftype values (include/llama.h, mirrored as llama_cpp.LLAMA_FTYPE_*). Hard-coded so that the
+# table is available without loading the shared library; a test checks it against the bindings.
+LLAMA_FTYPES: dict[str, int] = {
+    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
+    "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15,
+    "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "IQ2_XXS": 19, "IQ2_XS": 20, "Q2_K_S": 21,
+    "IQ3_XS": 22, "IQ3_XXS": 23, "IQ1_S": 24, "IQ4_NL": 25, "IQ3_S": 26, "IQ3_M": 27,
+    "IQ2_S": 28, "IQ2_M": 29, "IQ4_XS": 30, "IQ1_M": 31, "BF16": 32, "TQ1_0": 36, "TQ2_0": 37,
+    "MXFP4_MOE": 38, "NVFP4": 39, "Q1_0": 40, "Q2_0": 41,
+}
+
+TensorProgress = Callable[[int, int, str], None]
+
+# llama-quant.cpp logs "[%4d/%4d] %-36s - [shape], type = ..." once per tensor, before converting it.
+_TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
+
+
+class _ProgressParser:
+    """Turns quantize log lines into ``on_tensor(i, n, name)`` calls; keeps the first callback error."""
+
+    def __init__(self, on_tensor: TensorProgress) -> None:
+        self._on_tensor = on_tensor
+        self.error: BaseException | None = None
+
+    def __call__(self, text: str) -> None:
+        match = _TENSOR_LINE.match(text)
+        if match is None or self.error is not None:
+            return
+        try:
+            self._on_tensor(int(match[1]), int(match[2]), match[3])
+        except BaseException as exc:  # noqa: BLE001 - re-raised once the C call has returned
+            self.error = exc
+
+
+def quantize_gguf(
+    src: Path,
+    dst: Path,
+    ftype: int,
+    *,
+    threads: int,
+    allow_requantize: bool = False,
+    on_tensor: TensorProgress | None = None,
+) -> None:
+    """Write ``dst``, a copy of the GGUF ``src`` quantized to the llama_ftype ``ftype``."""
+    src, dst = Path(src), Path(dst)
+    _check_inputs(src, dst, ftype)
+    llama, _ = bindings()
+    params = llama.llama_model_quantize_default_params()
+    params.nthread = threads
+    params.ftype = ftype
+    params.allow_requantize = allow_requantize
+    parser = _ProgressParser(on_tensor) if on_tensor is not None else None
+    if parser is not None:
+        with log_listener(parser):
+            status = llama.llama_model_quantize(bytes(src), bytes(dst), params)
+    else:
+        status = llama.llama_model_quantize(bytes(src), bytes(dst), params)
+    if status != 0:
+        dst.unlink(missing_ok=True)  # llama.cpp may leave a partial file behind
+        name = _ftype_name(ftype)
+        raise QuantizationError(f"quantizing {src} to {name} failed: {last_native_error()}")
+    if parser is not None and parser.error is not None:
+        raise parser.error
+
+
+def _check_inputs(src: Path, dst: Path, ftype: int) -> None:
+    if ftype not in LLAMA_FTYPES.values():
+        raise QuantizationError(f"unknown llama_ftype {ftype}; choose one of {', '.join(LLAMA_FTYPES)}")
+    if not src.is_file():
+        raise QuantizationError(f"{src} does not exist or is not a file")
+    if not is_gguf(src):
+        raise QuantizationError(f"{src} is not a GGUF file (no GGUF magic); convert the checkpoint first")
+    if src.resolve() == dst.resolve():
+        raise QuantizationError(f"refusing to quantize {src} onto itself; choose another output path")
+    if not dst.parent.is_dir():
+        raise QuantizationError(f"output folder {dst.parent} does not exist")
+
+
+def _ftype_name(ftype: int) -> str:
+    return next((name for name, value in LLAMA_FTYPES.items() if value == ftype), str(ftype))

@@ -1,0 +1,256 @@
+"""A llama.cpp text model with one inference context: tokenize, evaluate tokens or embeddings, logits."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol, Sequence
+
+import numpy as np
+
+from pixtral_cpp.backend._native import bindings, is_gguf, last_native_error
+from pixtral_cpp.errors import BackendError, ModelError
+
+_GGML_TYPE = {"f32": 0, "f16": 1}  # enum ggml_type values used for the KV cache
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # enum llama_flash_attn_type
+
+
+@dataclass(frozen=True)
+class TextModelOptions:
+    """How to load the text GGUF and size its context."""
+
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_threads: int | None = None  # None: every core
+    n_gpu_layers: int = 0
+    use_mmap: bool = True
+    # llama.cpp's CPU "extra buffer types": a repacked copy of quantized weights for faster matmuls
+    # (about 5 GB more RSS at 12B). It segfaults on decode for quantized tiny test models.
+    repack_weights: bool = True
+    # "f32" makes llama.cpp match a float32 reference to ~5e-7; "f16" (llama.cpp's default) halves the memory.
+    kv_cache_type: Literal["f16", "f32"] = "f16"
+    # "auto" turns flash attention on for the CPU too, whose kernel works in F16 even with an F32 KV
+    # cache (8e-4 relative logit error on the tiny model); "off" is needed for exact parity.
+    flash_attn: Literal["auto", "on", "off"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 1 or self.n_batch < 1:
+            raise ValueError(f"n_ctx ({self.n_ctx}) and n_batch ({self.n_batch}) must be positive")
+        if self.kv_cache_type not in _GGML_TYPE:
+            raise ValueError(f"kv_cache_type must be 'f16' or 'f32', not {self.kv_cache_type!r}")
+        if self.flash_attn not in FLASH_ATTN:
+            raise ValueError(f"flash_attn must be 'auto', 'on' or 'off', not {self.flash_attn!r}")
+
+    @property
+    def threads(self) -> int:
+        return self.n_threads or os.cpu_count() or 1
+
+
+class Closeable(Protocol):
+    def close(self) -> None: ...
+
+
+class TextModel:
+    """Owns a ``llama_model`` and one ``llama_context`` (sequence 0); frees both on :meth:`close`."""
+
+    def __init__(self, path: Path, options: TextModelOptions | None = None) -> None:
+        self.path = Path(path)
+        self.options = options or TextModelOptions()
+        self._llama, _ = bindings()
+        self._dependents: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._model = self._load_model()
+        self._ctx = self._new_context()
+        # Runs on close(), garbage collection or interpreter exit, whichever comes first; context first.
+        self._finalizer = weakref.finalize(self, _free_text, self._llama, self._ctx, self._model)
+        self._vocab = self._llama.llama_model_get_vocab(self._model)
+        self.n_vocab: int = self._llama.llama_vocab_n_tokens(self._vocab)
+        self.n_embd: int = self._llama.llama_model_n_embd_inp(self._model)
+        self.n_ctx: int = self._llama.llama_n_ctx(self._ctx)
+
+    def _load_model(self) -> int:
+        if not self.path.is_file():
+            raise ModelError(f"text model {self.path} does not exist")
+        if not is_gguf(self.path):
+            raise ModelError(f"text model {self.path} is not a GGUF file")
+        llama = self._llama
+        params = llama.llama_model_default_params()
+        params.n_gpu_layers = self.options.n_gpu_layers
+        params.load_mode = llama.LLAMA_LOAD_MODE_MMAP if self.options.use_mmap else llama.LLAMA_LOAD_MODE_NONE
+        params.use_extra_bufts = self.options.repack_weights
+        model = llama.llama_model_load_from_file(bytes(self.path), params)
+        if not model:
+            raise ModelError(f"llama.cpp could not load {self.path}: {last_native_error()}")
+        return model
+
+    def _new_context(self) -> int:
+        llama, opts = self._llama, self.options
+        params = llama.llama_context_default_params()
+        params.n_ctx = opts.n_ctx
+        params.n_batch = params.n_ubatch = opts.n_batch
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = opts.threads
+        params.type_k = params.type_v = _GGML_TYPE[opts.kv_cache_type]
+        params.flash_attn_type = FLASH_ATTN[opts.flash_attn]
+        params.no_perf = True
+        ctx = llama.llama_init_from_model(self._model, params)
+        if not ctx:
+            llama.llama_model_free(self._model)
+            raise BackendError(f"llama.cpp could not create a context for {self.path}: {last_native_error()}")
+        return ctx
+
+    # -- resources -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the context and the model; objects built on this model (VisionContext) are closed first."""
+        for dependent in list(self._dependents):
+            dependent.close()
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def __enter__(self) -> TextModel:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _register_dependent(self, dependent: Closeable) -> None:
+        self._dependents.add(dependent)
+
+    def _handles(self) -> tuple[int, int]:
+        if self.closed:
+            raise BackendError(f"text model {self.path} is closed")
+        return self._model, self._ctx
+
+    # -- vocabulary --------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Token ids of ``text``; ``add_special`` adds BOS, ``parse_special`` turns "[INST]" into its id."""
+        self._handles()
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        for _ in range(2):  # a negative return is the size actually needed
+            buf = (ctypes.c_int32 * capacity)()
+            n = self._llama.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special, parse_special)
+            if n >= 0:
+                return list(buf[:n])
+            capacity = -n
+        raise BackendError(f"llama.cpp could not tokenize {text[:40]!r}")
+
+    def detokenize(self, tokens: Sequence[int], *, render_special: bool = False) -> str:
+        """Text of ``tokens``; control tokens such as [INST] appear only with ``render_special``."""
+        self._handles()
+        ids = (ctypes.c_int32 * len(tokens))(*tokens)
+        capacity = 8 * len(tokens) + 16
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(capacity)
+            n = self._llama.llama_detokenize(self._vocab, ids, len(tokens), buf, capacity, False, render_special)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            capacity = -n
+        raise BackendError("llama.cpp could not detokenize the tokens")
+
+    def token_id(self, piece: str) -> int:
+        """Id of a special token given by its text, e.g. "[IMG_END]"."""
+        ids = self.tokenize(piece, add_special=False, parse_special=True)
+        if len(ids) != 1:
+            raise ModelError(f"{piece!r} is not a single token in {self.path} (got {ids})")
+        return ids[0]
+
+    # -- evaluation ----------------------------------------------------------------------------------
+
+    @property
+    def n_past(self) -> int:
+        """Positions held in the KV cache (the next token goes to this position)."""
+        _, ctx = self._handles()
+        mem = self._llama.llama_get_memory(ctx)
+        return self._llama.llama_memory_seq_pos_max(mem, 0) + 1
+
+    def clear(self) -> None:
+        """Forget everything in the KV cache."""
+        _, ctx = self._handles()
+        self._llama.llama_memory_clear(self._llama.llama_get_memory(ctx), True)
+
+    def trim(self, n_keep: int) -> None:
+        """Keep the first ``n_keep`` positions of the KV cache, drop the rest (reuse of a shared prefix)."""
+        _, ctx = self._handles()
+        if not self._llama.llama_memory_seq_rm(self._llama.llama_get_memory(ctx), 0, n_keep, -1):
+            raise BackendError(f"llama.cpp could not trim the KV cache to {n_keep} positions")
+
+    def eval_tokens(self, tokens: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
+        """Append ``tokens``; logits of the last position (n_vocab,) or of every one (n_tokens, n_vocab)."""
+        ids = np.ascontiguousarray(tokens, dtype=np.int32)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError("eval_tokens needs a non-empty sequence of token ids")
+        if ids.min() < 0 or ids.max() >= self.n_vocab:
+            raise ModelError(f"token ids must be in [0, {self.n_vocab}), got {ids.min()}..{ids.max()}")
+        return self._decode(ids, None, "all" if all_logits else "last")
+
+    def decode_embeddings(self, embeddings: np.ndarray) -> int:
+        """Append one position per row of ``embeddings`` (n, n_embd); returns the new n_past."""
+        rows = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != self.n_embd or rows.shape[0] == 0:
+            raise ModelError(f"embeddings of shape {embeddings.shape} do not fit a model with n_embd {self.n_embd}")
+        self._decode(None, rows, "none")
+        return self.n_past
+
+    def _decode(self, ids: np.ndarray | None, rows: np.ndarray | None, outputs: str) -> np.ndarray:
+        _, ctx = self._handles()
+        n = len(ids) if ids is not None else len(rows)  # type: ignore[arg-type]
+        start = self.n_past
+        if start + n > self.n_ctx:
+            raise BackendError(f"{start} + {n} positions exceed the context of {self.n_ctx}; raise n_ctx")
+        step, logits = self.options.n_batch, []
+        for off in range(0, n, step):
+            m = min(step, n - off)
+            flags = np.zeros(m, dtype=np.int8)
+            if outputs == "all":
+                flags[:] = 1
+            elif outputs == "last" and off + m == n:
+                flags[-1] = 1
+            part_ids = ids[off : off + m] if ids is not None else None
+            part_rows = rows[off : off + m] if rows is not None else None
+            self._decode_batch(ctx, part_ids, part_rows, start + off, flags)
+            if outputs == "all":
+                logits.append(self._copy_logits(ctx, m))
+        if outputs == "last":
+            return self._copy_logits(ctx, 1)[0]
+        return np.concatenate(logits) if logits else np.empty((0, self.n_vocab), np.float32)
+
+    def _decode_batch(
+        self, ctx: int, ids: np.ndarray | None, rows: np.ndarray | None, pos0: int, flags: np.ndarray
+    ) -> None:
+        llama = self._llama
+        m = len(flags)
+        # The batch points into these numpy arrays; llama_decode copies what it needs before returning.
+        pos = np.arange(pos0, pos0 + m, dtype=np.int32)
+        n_seq = np.ones(m, dtype=np.int32)
+        seq0 = ctypes.c_int32(0)
+        seq_ptrs = (ctypes.POINTER(ctypes.c_int32) * m)(*([ctypes.pointer(seq0)] * m))
+        batch = llama.llama_batch()
+        batch.n_tokens = m
+        batch.token = ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)) if ids is not None else None
+        batch.embd = rows.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) if rows is not None else None
+        batch.pos = pos.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        batch.n_seq_id = n_seq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        batch.seq_id = seq_ptrs
+        batch.logits = flags.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        status = llama.llama_decode(ctx, batch)
+        if status != 0:
+            raise BackendError(f"llama_decode failed with status {status}: {last_native_error()}")
+
+    def _copy_logits(self, ctx: int, n_rows: int) -> np.ndarray:
+        ptr = self._llama.llama_get_logits_ith(ctx, -1) if n_rows == 1 else self._llama.llama_get_logits(ctx)
+        if not ptr:
+            raise BackendError("llama.cpp returned no logits")
+        return np.ctypeslib.as_array(ptr, shape=(n_rows, self.n_vocab)).copy()
+
+
+def _free_text(llama: Any, ctx: int, model: int) -> None:
+    llama.llama_free(ctx)  # the context refers to the model: free it first
+    llama.llama_model_free(model)
