@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import os
+import logging
+import math
+from pathlib import Path
 
-# torch and llama.cpp in one process on few cores: spinning OpenMP threads slow llama.cpp down up to
-# 100x unless they sleep. Must be set before torch or llama_cpp is imported (conftest should do it too).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np
+import pytest
 
-import logging  # noqa: E402
-import math  # noqa: E402
-import subprocess  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from pixtral_cpp.backend import (  # noqa: E402
+from pixtral_cpp.backend import (
     LLAMA_FTYPES,
     TextModel,
     TextModelOptions,
@@ -25,28 +18,11 @@ from pixtral_cpp.backend import (  # noqa: E402
     quantize_gguf,
     set_verbose,
 )
-from pixtral_cpp.errors import BackendError, ImageError, ModelError, QuantizationError  # noqa: E402
+from pixtral_cpp.errors import BackendError, ImageError, ModelError, QuantizationError
 
-from tests import reference as ref  # noqa: E402
-
-
-# TEMPORARY: replaced by conftest fixture ---------------------------------------------------------------
-# Builds a tiny random Pixtral with throw-away scripts in /tmp/devscaffold (transformers checkpoint,
-# llama.cpp's own converter, [IMG_BREAK] row appended with gguf) until pixtral_cpp's converter and
-# synthetic generator exist.
-_SCAFFOLD = Path("/tmp/devscaffold/make_all.sh")
-_DEVMODEL = Path("/tmp/devmodel")
+from tests import reference as ref
 
 
-@pytest.fixture(scope="session")
-def tiny_gguf_pair() -> tuple[Path, Path, Path]:
-    text, mmproj, hf_dir = _DEVMODEL / "text-f32.gguf", _DEVMODEL / "mmproj-f32.gguf", _DEVMODEL / "hf"
-    if not (text.is_file() and mmproj.is_file()):
-        if not _SCAFFOLD.is_file():
-            pytest.skip("temporary scaffold /tmp/devscaffold is missing")
-        subprocess.run(["sh", str(_SCAFFOLD), str(_DEVMODEL)], check=True, capture_output=True)
-    return text, mmproj, hf_dir
-# end TEMPORARY ----------------------------------------------------------------------------------------
 
 PROMPT = "[INST]Describe the picture in one word.[/INST]"
 EXACT = TextModelOptions(n_ctx=4608, n_batch=512, n_threads=2, kv_cache_type="f32", flash_attn="off")
@@ -217,8 +193,8 @@ def test_quantize_q4_k_m_loads_and_runs(tiny_gguf_pair, tmp_path):
     assert [i for i, _, _ in seen] == list(range(1, n_tensors + 1))
     assert len({name for *_, name in seen}) == n_tensors and "token_embd.weight" in {name for *_, name in seen}
     assert text_dst.stat().st_size < text_src.stat().st_size / 4  # 4.5-6.5 bits per weight instead of 32
-    # repack_weights=False: llama.cpp's repacked CPU path segfaults on quantized tiny models (any quant type)
-    options = TextModelOptions(n_ctx=512, repack_weights=False)
+    # default repack_weights=None: no AMX repacking, whose matmul segfaults (llama.cpp#20824)
+    options = TextModelOptions(n_ctx=512)
     with TextModel(text_dst, options) as text, VisionContext(mmproj_dst, text) as vision:
         image = random_image(np.random.default_rng(2), 64, 48)
         assert np.isfinite(prompt_logits(text, vision, [[1, 3], image, [4]])).all()

@@ -120,6 +120,21 @@ class log_listener:
         _router.listeners.remove(self._listener)
 
 
+@functools.cache
+def cpu_features() -> dict[str, str]:
+    """llama.cpp's CPU feature report, e.g. {"AVX2": "1", "AMX_INT8": "1", "REPACK": "1"}."""
+    llama, _ = bindings()
+    info = llama.llama_print_system_info().decode(errors="replace")
+    pairs = (item.split("=", 1) for item in info.replace("CPU :", "|").split("|") if "=" in item)
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def repacking_is_safe() -> bool:
+    """False where llama.cpp would repack weights into its AMX buffer, whose matmul segfaults on the
+    first decode (ggml-org/llama.cpp#20824, open; reproduced here with every quantized text model)."""
+    return cpu_features().get("AMX_INT8") != "1"
+
+
 def is_gguf(path: Path) -> bool:
     """True if ``path`` is a file that starts with the GGUF magic (llama.cpp may abort on other files)."""
     try:

@@ -11,7 +11,7 @@ from typing import Any, Literal, Protocol, Sequence
 
 import numpy as np
 
-from pixtral_cpp.backend._native import bindings, is_gguf, last_native_error
+from pixtral_cpp.backend._native import bindings, is_gguf, last_native_error, repacking_is_safe
 from pixtral_cpp.errors import BackendError, ModelError
 
 _GGML_TYPE = {"f32": 0, "f16": 1}  # enum ggml_type values used for the KV cache
@@ -28,8 +28,8 @@ class TextModelOptions:
     n_gpu_layers: int = 0
     use_mmap: bool = True
     # llama.cpp's CPU "extra buffer types": a repacked copy of quantized weights for faster matmuls
-    # (about 5 GB more RSS at 12B). It segfaults on decode for quantized tiny test models.
-    repack_weights: bool = True
+    # (about 5 GB more RSS at 12B). None: on, except on CPUs with AMX, where it crashes (see repacking_is_safe).
+    repack_weights: bool | None = None
     # "f32" makes llama.cpp match a float32 reference to ~5e-7; "f16" (llama.cpp's default) halves the memory.
     kv_cache_type: Literal["f16", "f32"] = "f16"
     # "auto" turns flash attention on for the CPU too, whose kernel works in F16 even with an F32 KV
@@ -79,7 +79,8 @@ class TextModel:
         params = llama.llama_model_default_params()
         params.n_gpu_layers = self.options.n_gpu_layers
         params.load_mode = llama.LLAMA_LOAD_MODE_MMAP if self.options.use_mmap else llama.LLAMA_LOAD_MODE_NONE
-        params.use_extra_bufts = self.options.repack_weights
+        repack = self.options.repack_weights
+        params.use_extra_bufts = repacking_is_safe() if repack is None else repack
         model = llama.llama_model_load_from_file(bytes(self.path), params)
         if not model:
             raise ModelError(f"llama.cpp could not load {self.path}: {last_native_error()}")
