@@ -45,3 +45,11 @@ class ImageError(PixtralError):
 
 class BackendError(PixtralError):
     """llama.cpp could not be loaded or refused an operation."""
+
+
+class ContextLengthError(PixtralError):
+    """The prompt and its images do not fit in the context."""
+
+
+class ConversationError(PixtralError):
+    """A chat conversation Pixtral's format cannot express (unknown role or part, nothing to answer)."""

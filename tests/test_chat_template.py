@@ -11,57 +11,15 @@ import llama_cpp
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter, MTMDChatHandler
-from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
-from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
-from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from PIL import Image
 from pixtral_cpp.convert.chat_template import MEDIA_MARKER, PIXTRAL_CHAT_TEMPLATE, render_chat
 from pixtral_cpp.convert.tokenizer import load_tekken
 
 from pixtral_cpp.synthetic.tekken import real_tekken_path, write_vocab_gguf
-
-BOS, IMG, IMG_BREAK, IMG_END = 1, 10, 12, 13
-PATCH = 16
-
-Part = str | Image.Image
-Conversation = list[tuple[str, str | list[Part]]]
-
-
-def picture(width: int, height: int, colour: str) -> Image.Image:
-    return Image.new("RGB", (width, height), colour)
-
-
-TALL, WIDE, SQUAT = picture(32, 48, "red"), picture(64, 16, "green"), picture(48, 32, "blue")
-
-CONVERSATIONS: dict[str, Conversation] = {
-    "single_turn": [("user", "What is the capital of France?")],
-    "system_then_two_user_turns": [
-        ("system", "You are a helpful assistant. Be brief."),
-        ("user", "Hi"),
-        ("assistant", "Hello! How can I help?"),
-        ("user", ["Describe this image.", TALL]),  # image last: mistral-common moves it first
-    ],
-    "images_between_text": [("user", ["Compare this:", TALL, "with this:", WIDE, "Which one is wider?"])],
-    "several_images_then_text": [("user", [TALL, WIDE, SQUAT, "Describe all three."])],
-    "two_texts_then_image": [("user", ["First part.", "Second part.", SQUAT])],
-    "image_turn_then_text_turn": [
-        ("system", "Answer in French."),
-        ("user", [TALL, "What colour is this?"]),
-        ("assistant", "Rouge.  "),  # mistral-common drops trailing spaces
-        ("user", "And the sky?"),
-    ],
-    "system_messages_between_user_runs": [
-        ("system", "S1"),
-        ("user", "a"),
-        ("user", [WIDE]),  # merged with "a" into [text, image], then the image moves first
-        ("system", "S2"),  # ends the user run, and joins S1 in the prompt of the last turn
-        ("user", "b"),
-    ],
-    "image_only": [("user", [WIDE])],
-    "system_before_text_first_turn": [("system", "Be concise."), ("user", ["Look:", SQUAT, "What is it?"])],
-    "assistant_first": [("assistant", "I start."), ("user", "Fine.")],
-}
+from tests.mistral_reference import (
+    BOS, CONVERSATIONS, IMG_END, PATCH, Conversation, Part, mistral_request, with_image_layouts,
+)
 
 
 def openai_messages(conversation: Conversation) -> list[dict[str, Any]]:
@@ -72,18 +30,6 @@ def openai_messages(conversation: Conversation) -> list[dict[str, Any]]:
 
     return [{"role": role, "content": content if isinstance(content, str) else [part(p) for p in content]}
             for role, content in conversation]
-
-
-def mistral_request(conversation: Conversation) -> ChatCompletionRequest:
-    classes = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
-
-    def chunk(item: Part) -> TextChunk | ImageChunk:
-        return TextChunk(text=item) if isinstance(item, str) else ImageChunk(image=item)
-
-    return ChatCompletionRequest(messages=[
-        classes[role](content=content if isinstance(content, str) else [chunk(p) for p in content])
-        for role, content in conversation
-    ])
 
 
 def reference_layout(image: Image.Image) -> tuple[str, int, int]:
@@ -106,25 +52,6 @@ def mtmd_sequence(llama: llama_cpp.Llama, text: str, images: list[Image.Image]) 
         if index:
             sequence += [reference_layout(images[index - 1]), IMG_END]
         sequence += llama.tokenize(piece.encode("utf-8"), add_bos=False, special=True)
-    return sequence
-
-
-def with_image_layouts(ids: list[int]) -> list[Any]:
-    """mistral-common's ids with each [IMG]/[IMG_BREAK] run replaced by its (rows, cols) layout."""
-    sequence: list[Any] = []
-    run: list[int] = []
-    for token in ids:
-        if token in (IMG, IMG_BREAK):
-            run.append(token)
-            continue
-        if token == IMG_END:
-            rows = run.count(IMG_BREAK) + 1
-            cols = run.count(IMG) // rows
-            assert run == ([IMG] * cols + [IMG_BREAK]) * (rows - 1) + [IMG] * cols
-            sequence.append(("image", rows, cols))
-            run = []
-        sequence.append(token)
-    assert run == []
     return sequence
 
 
