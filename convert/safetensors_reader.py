@@ -68,6 +68,17 @@ class SafetensorsFile:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def release(self, info: TensorInfo) -> None:
+        """Drop the tensor's pages from this process's resident set (they stay in the page cache).
+
+        Without this, every mapped page read counts towards RSS until the file is closed, and peak
+        memory would grow with the checkpoint instead of with the largest tensor.
+        """
+        if self._map is None:
+            return
+        start = info.start - info.start % mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, start, info.start + info.nbytes - start)
+
     def array(self, info: TensorInfo) -> np.ndarray:
         """The tensor as a read-only array view in its storage dtype (bf16 as uint16 bits)."""
         assert self._map is not None, "file is closed"

@@ -50,6 +50,10 @@ class Checkpoint:
         """A read-only view of a tensor in its storage dtype."""
         return self._files[tensor.file].array(tensor)
 
+    def release(self, tensor: TensorInfo) -> None:
+        """Done with this tensor: let its mapped pages leave the resident set."""
+        self._files[tensor.file].release(tensor)
+
     def close(self) -> None:
         for f in self._files.values():
             f.close()

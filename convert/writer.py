@@ -39,6 +39,7 @@ def write_gguf(writer: gguf.GGUFWriter, path: str, checkpoint: Checkpoint, plan:
                 fout.write(chunk.data)
                 written += chunk.nbytes
                 on_bytes(chunk.nbytes)
+            checkpoint.release(tensor.source)
             if written != tensor.nbytes:  # a wrong size here would make llama.cpp read garbage offsets
                 raise TensorError(f"internal error: {tensor.name} wrote {written} bytes, planned {tensor.nbytes}")
             writer.write_padding(fout, tensor.nbytes)

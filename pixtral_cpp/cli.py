@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -10,7 +11,10 @@ from typing import Any
 import click
 
 from pixtral_cpp import __version__
+from pixtral_cpp.cli_format import format_pair_info
 from pixtral_cpp.errors import PixtralError
+from pixtral_cpp.model_files import MODEL_ENV
+from pixtral_cpp.options import DEFAULT_CONTEXT
 
 RAISE_ENV = "PIXTRAL_CPP_RAISE_ERRORS"  # set to 1 to see full tracebacks
 
@@ -66,6 +70,114 @@ def convert(source: str, output_dir: Path | None, quant: str, mmproj_quant: str,
     click.echo(f"mmproj      {result.mmproj_path}")
     if not quiet:
         click.echo(f"done in {result.seconds:.1f} s", err=True)
+
+
+def _model_options(f: Any) -> Any:
+    """The options every command that loads a model shares."""
+    decorators = [
+        click.option("-m", "--model", "model", help=f"Text GGUF or folder (default: ${MODEL_ENV}, then the models folder)."),
+        click.option("--mmproj", help="Vision projector GGUF (default: the mmproj-*.gguf beside the model)."),
+        click.option("--ctx", "n_ctx", type=click.IntRange(min=256), default=DEFAULT_CONTEXT, show_default=True,
+                     help="Context size in tokens (images take up to 4160 each)."),
+        click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: physical cores)."),
+        click.option("--gpu-layers", type=int, default=0, show_default=True,
+                     help="Text layers to offload to the GPU (-1: all) on Metal/CUDA builds."),
+        click.option("--max-image-size", type=int, default=1024, show_default=True, callback=_check_image_size,
+                     help="Longest image edge in px (16..1024, multiple of 16); smaller is faster, less detail."),
+    ]
+    for decorator in reversed(decorators):
+        f = decorator(f)
+    return f
+
+
+def _check_image_size(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if value < 16 or value > 1024 or value % 16:
+        raise click.BadParameter("must be a multiple of 16 between 16 and 1024")
+    return value
+
+
+def _load(ctx: click.Context, model: str | None, mmproj: str | None, **fields: Any) -> Any:
+    from pixtral_cpp.model import PixtralModel
+    from pixtral_cpp.options import ModelOptions
+
+    verbose = bool(ctx.find_root().params.get("verbose"))
+    return PixtralModel.load(model, mmproj, ModelOptions(verbose=verbose, **fields))
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option("-p", "--prompt", default="Describe this image in detail.", show_default=True)
+@_model_options
+@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.3, show_default=True)
+@click.option("--seed", type=int, help="Sampling seed, for repeatable answers.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the answer and statistics.")
+@click.option("--schema", type=click.File("r"), help="JSON schema file: the answer is JSON that follows it.")
+@click.pass_context
+def describe(ctx: click.Context, images: tuple[str, ...], prompt: str, model: str | None, mmproj: str | None,
+             n_ctx: int, threads: int | None, gpu_layers: int, max_image_size: int, max_tokens: int,
+             temperature: float, seed: int | None, as_json: bool, schema: Any) -> None:
+    """Answer one question about one or more images, streaming the answer."""
+    from pixtral_cpp.options import GenerationOptions
+    from pixtral_cpp.results import TextChunk
+
+    schema_dict = _read_schema(schema) if schema else None
+    generation = GenerationOptions(max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                   json_schema=schema_dict)
+    with _load(ctx, model, mmproj, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers,
+               max_image_size=max_image_size) as pixtral:
+        if as_json:
+            result = pixtral.describe(list(images), prompt, generation)
+            click.echo(json.dumps({"answer": result.text, "stats": result.stats.to_dict()}, ensure_ascii=False))
+            return
+        for chunk in pixtral.stream_describe(list(images), prompt, generation):
+            if isinstance(chunk, TextChunk):
+                click.echo(chunk.text, nl=False)
+        click.echo()
+
+
+def _read_schema(handle: Any) -> dict[str, Any]:
+    try:
+        schema = json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--schema") from None
+    if not isinstance(schema, dict):
+        raise click.BadParameter("a JSON schema must be an object", param_hint="--schema")
+    return schema
+
+
+@main.command()
+@click.argument("images", nargs=-1)
+@_model_options
+@click.option("--system", help="System prompt.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.3, show_default=True)
+@click.option("--seed", type=int, help="Sampling seed, for repeatable answers.")
+@click.pass_context
+def chat(ctx: click.Context, images: tuple[str, ...], model: str | None, mmproj: str | None, n_ctx: int,
+         threads: int | None, gpu_layers: int, max_image_size: int, system: str | None, max_tokens: int,
+         temperature: float, seed: int | None) -> None:
+    """Talk about images interactively; IMAGES go with your first message."""
+    from pixtral_cpp.cli_chat import run_chat
+    from pixtral_cpp.options import GenerationOptions
+
+    generation = GenerationOptions(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    with _load(ctx, model, mmproj, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers,
+               max_image_size=max_image_size) as pixtral:
+        run_chat(pixtral, list(images), generation, system, read_line=lambda: input("> "))
+
+
+@main.command()
+@click.argument("model")
+@click.option("--mmproj", help="Vision projector GGUF (default: the mmproj-*.gguf beside the model).")
+def info(model: str, mmproj: str | None) -> None:
+    """What a GGUF pair is: types, sizes, hyper-parameters, and whether the two files match."""
+    from pixtral_cpp.model_files import find_model_files, inspect_pair
+
+    pair = inspect_pair(find_model_files(model, mmproj))
+    click.echo(format_pair_info(pair))
+    if not pair.matches:
+        raise click.ClickException("the files do not work together: " + "; ".join(pair.problems))
 
 
 if __name__ == "__main__":

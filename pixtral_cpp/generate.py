@@ -1,0 +1,86 @@
+"""The token loop: sample, stream text without broken characters, honour stop strings and limits."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+
+from pixtral_cpp.backend import IncrementalDecoder, Sampler, SamplingOptions, TextModel, json_schema_grammar
+from pixtral_cpp.options import GenerationOptions
+from pixtral_cpp.prompt_cache import PromptCache
+from pixtral_cpp.results import FinishReason, TextChunk
+
+
+@dataclass(frozen=True)
+class Outcome:
+    tokens: int
+    finish_reason: FinishReason
+
+
+class _StopStrings:
+    """Cuts the answer at the first stop string, holding back text that may be the start of one."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.pending = ""
+        self.hit = False
+
+    def feed(self, text: str) -> str:
+        self.pending += text
+        for stop in self.stops:
+            at = self.pending.find(stop)
+            if at >= 0:
+                self.hit, out, self.pending = True, self.pending[:at], ""
+                return out
+        keep = max((n for stop in self.stops for n in range(1, len(stop)) if self.pending.endswith(stop[:n])),
+                   default=0)
+        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def generate_tokens(text: TextModel, cache: PromptCache, options: GenerationOptions, seed: int | None,
+                    budget: int) -> Generator[TextChunk, None, Outcome]:
+    """Generate after an evaluated prompt; every decoded token is recorded in `cache.keys`."""
+    grammar = json_schema_grammar(options.json_schema) if options.json_schema is not None else None
+    sampling = SamplingOptions(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
+                               repeat_penalty=options.repeat_penalty, seed=seed)
+    sampler = Sampler(text, sampling, grammar=grammar)
+    decoder, stops = IncrementalDecoder(), _StopStrings(options.stop)
+    generated, finish = 0, "length"
+    try:
+        while generated < budget:
+            token = sampler.sample()
+            if text.is_end_of_generation(token):
+                _decode(text, cache, token)  # keep `</s>` in the cache: the next turn's prompt has it
+                finish = "stop"
+                break
+            generated += 1
+            piece = stops.feed(decoder.feed(text.token_piece(token)))
+            if piece:
+                yield TextChunk(piece)
+            if stops.hit:
+                finish = "stop_string"
+                break
+            _decode(text, cache, token)
+        tail = "" if stops.hit else stops.feed(decoder.flush()) + stops.flush()
+        if tail:
+            yield TextChunk(tail)
+    except GeneratorExit:
+        finish = "cancelled"
+        raise
+    finally:
+        sampler.close()
+    return Outcome(generated, finish)  # type: ignore[arg-type]
+
+
+def _decode(text: TextModel, cache: PromptCache, token: int) -> None:
+    try:
+        text.eval_tokens([token])
+    except BaseException:
+        cache.forget()
+        raise
+    cache.keys.append(token)

@@ -1,0 +1,59 @@
+"""Typed options for loading a model and for one generation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pixtral_cpp.images import MAX_IMAGE_SIZE, check_max_image_size
+
+# One 1024 px image is up to 4160 positions; 8192 holds two with room for text, and costs about
+# 1.3 GB of F16 KV cache at 12B (160 KiB per position), not the 1,024,000-token training context.
+DEFAULT_CONTEXT = 8192
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to load the GGUF pair: context size, threads, offload, image budget."""
+
+    n_ctx: int = DEFAULT_CONTEXT
+    threads: int | None = None  # None: physical cores
+    gpu_layers: int = 0  # text layers offloaded to Metal/CUDA (-1: all)
+    vision_gpu: bool = False  # run the vision encoder on the GPU too
+    max_image_size: int = MAX_IMAGE_SIZE  # longest image edge in px; smaller is faster, fewer tokens
+    seed: int | None = None  # default sampling seed; None: random
+    use_mmap: bool = True
+    repack_weights: bool | None = None  # None: llama.cpp's repacking where it is safe (not on AMX)
+    # llama.cpp's CPU flash attention works in F16 and drifts by ~4e-2 on long image prompts: off by default.
+    flash_attn: Literal["auto", "on", "off"] = "off"
+    kv_cache_type: Literal["f16", "f32"] = "f16"
+    n_batch: int = 512
+    image_cache_size: int = 16  # encoded images kept for follow-up questions
+    verbose: bool = False  # llama.cpp's own logging
+
+    def __post_init__(self) -> None:
+        check_max_image_size(self.max_image_size)
+        if self.n_ctx < 256:
+            raise ValueError(f"n_ctx must be at least 256, got {self.n_ctx}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be positive, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """One answer: length, sampling, stop strings, optional JSON schema."""
+
+    max_tokens: int = 512
+    temperature: float = 0.3  # Mistral's recommendation for Pixtral is low; 0 is greedy
+    top_p: float = 0.95
+    top_k: int = 40
+    repeat_penalty: float = 1.0  # 1.0: off
+    seed: int | None = None  # None: the model's default seed
+    stop: tuple[str, ...] = ()
+    json_schema: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
+        if isinstance(self.stop, str):  # a lone string would be iterated character by character
+            object.__setattr__(self, "stop", (self.stop,))

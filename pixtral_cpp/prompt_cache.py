@@ -1,0 +1,90 @@
+"""What the KV cache holds, position by position, so a follow-up turn evaluates only what changed.
+
+Every position is keyed: a token by its id, an image position by the image's content hash. The
+common prefix of the cached keys and a new prompt's keys is kept in the KV cache; encoded images
+are kept by hash so a question about the same image does not run the vision encoder again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+
+from pixtral_cpp.backend import ImageEmbedding
+
+Key = Union[int, str]
+
+
+@dataclass(frozen=True)
+class TokenRun:
+    tokens: tuple[int, ...]
+
+    def keys(self) -> list[Key]:
+        return list(self.tokens)
+
+
+@dataclass(frozen=True)
+class ImageRun:
+    key: str
+    embedding: ImageEmbedding
+
+    def keys(self) -> list[Key]:
+        return [self.key] * self.embedding.n_positions
+
+
+Run = Union[TokenRun, ImageRun]
+
+
+def image_key(pixels: np.ndarray) -> str:
+    """Content hash of the prepared pixels (the exact input of the encoder)."""
+    digest = hashlib.blake2b(pixels.tobytes(), digest_size=16)
+    digest.update(repr(pixels.shape).encode())
+    return "img:" + digest.hexdigest()
+
+
+class PromptCache:
+    """The keys of the positions in the KV cache, and recently encoded images."""
+
+    def __init__(self, image_capacity: int) -> None:
+        self.keys: list[Key] = []
+        self._images: OrderedDict[str, ImageEmbedding] = OrderedDict()
+        self._capacity = image_capacity
+
+    def embedding(self, key: str) -> ImageEmbedding | None:
+        found = self._images.get(key)
+        if found is not None:
+            self._images.move_to_end(key)
+        return found
+
+    def remember(self, key: str, embedding: ImageEmbedding) -> None:
+        self._images[key] = embedding
+        self._images.move_to_end(key)
+        while len(self._images) > self._capacity:
+            self._images.popitem(last=False)
+
+    def reusable_prefix(self, runs: list[Run]) -> int:
+        """Positions of `runs` already in the KV cache that can stay.
+
+        At least the last position is always re-evaluated (its logits start the answer), and a
+        prefix never ends inside an image: its rows are decoded together.
+        """
+        new_keys = [k for run in runs for k in run.keys()]
+        limit = min(len(self.keys), len(new_keys) - 1)
+        n = 0
+        while n < limit and self.keys[n] == new_keys[n]:
+            n += 1
+        start = 0
+        for run in runs:
+            end = start + len(run.keys())
+            if isinstance(run, ImageRun) and start < n < end:
+                return start
+            start = end
+        return n
+
+    def forget(self) -> None:
+        """After an error the KV cache content is unknown: reuse nothing."""
+        self.keys = []
