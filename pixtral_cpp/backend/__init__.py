@@ -7,16 +7,30 @@ Everything here speaks numpy and pixtral-cpp's own types; C resources are owned 
 from __future__ import annotations
 
 from pixtral_cpp.backend._native import set_verbose
+from pixtral_cpp.backend.detok import IncrementalDecoder
 from pixtral_cpp.backend.quantize import LLAMA_FTYPES, quantize_gguf
+from pixtral_cpp.backend.sampling import (
+    GrammarError,
+    Sampler,
+    SamplingError,
+    SamplingOptions,
+    json_schema_grammar,
+)
 from pixtral_cpp.backend.text import TextModel, TextModelOptions
 from pixtral_cpp.backend.vision import ImageEmbedding, VisionContext, prompt_logits
 
 __all__ = [
     "LLAMA_FTYPES",
+    "GrammarError",
     "ImageEmbedding",
+    "IncrementalDecoder",
+    "Sampler",
+    "SamplingError",
+    "SamplingOptions",
     "TextModel",
     "TextModelOptions",
     "VisionContext",
+    "json_schema_grammar",
     "prompt_logits",
     "quantize_gguf",
     "set_verbose",

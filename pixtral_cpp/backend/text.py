@@ -156,6 +156,29 @@ class TextModel:
             capacity = -n
         raise BackendError("llama.cpp could not detokenize the tokens")
 
+    def token_piece(self, token: int) -> bytes:
+        """Bytes ``token`` adds to the answer; control tokens such as </s> or [INST] add b""."""
+        self._check_token(token)
+        capacity = 32
+        for _ in range(2):  # a negative return is the size actually needed
+            buf = ctypes.create_string_buffer(capacity)
+            n = self._llama.llama_token_to_piece(self._vocab, token, buf, capacity, 0, False)
+            if n >= 0:
+                return buf.raw[:n]
+            capacity = -n
+        raise BackendError(f"llama.cpp could not render token {token}")
+
+    def is_end_of_generation(self, token: int) -> bool:
+        """True for the tokens that end an answer (</s> for Pixtral)."""
+        self._check_token(token)
+        return bool(self._llama.llama_vocab_is_eog(self._vocab, token))
+
+    def _check_token(self, token: int) -> None:
+        # llama.cpp looks pieces up with std::vector::at: an unknown id would abort the process.
+        self._handles()
+        if not 0 <= token < self.n_vocab:
+            raise ModelError(f"token id {token} is outside the vocabulary [0, {self.n_vocab})")
+
     def token_id(self, piece: str) -> int:
         """Id of a special token given by its text, e.g. "[IMG_END]"."""
         ids = self.tokenize(piece, add_special=False, parse_special=True)
