@@ -100,6 +100,12 @@ def _load(ctx: click.Context, model: str | None, mmproj: str | None, **fields: A
     from pixtral_cpp.model import PixtralModel
     from pixtral_cpp.options import ModelOptions
 
+    from pixtral_cpp.images import MAX_IMAGE_SIZE, max_image_tokens
+
+    budget = fields.get("max_image_size", MAX_IMAGE_SIZE)
+    if budget != MAX_IMAGE_SIZE:
+        click.echo(f"image budget {budget} px: at most {max_image_tokens(budget)} positions per image "
+                   f"({MAX_IMAGE_SIZE} px: {max_image_tokens(MAX_IMAGE_SIZE)}); less detail, faster", err=True)
     verbose = bool(ctx.find_root().params.get("verbose"))
     return PixtralModel.load(model, mmproj, ModelOptions(verbose=verbose, **fields))
 

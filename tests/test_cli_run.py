@@ -98,3 +98,10 @@ def test_describe_subprocess_is_quiet_by_default(model_path, photo):
     verbose = subprocess.run([str(exe), "-v", "describe", photo, "--model", model_path, "--max-tokens", "2",
                               "--ctx", "2048"], capture_output=True, text=True, timeout=300)
     assert verbose.returncode == 0 and "llama" in verbose.stderr.lower()
+
+
+def test_smaller_image_budget_says_what_it_costs(model_path, photo):
+    result = CliRunner().invoke(main, ["describe", photo, "--model", model_path, "--max-image-size", "512",
+                                       "--max-tokens", "2", "--ctx", "2048"])
+    assert result.exit_code == 0, result.output
+    assert "image budget 512 px: at most 1056 positions per image (1024 px: 4160)" in result.output

@@ -62,6 +62,15 @@ def test_mismatched_mmproj_is_refused_before_llama_cpp(converted, other_width_mm
         PixtralModel.load(converted("F16", "F16")[0], other_width_mmproj, SMALL)
 
 
+def test_non_pixtral_projector_is_refused(tiny_native, tmp_path, monkeypatch, converted):
+    from pixtral_cpp.convert import metadata
+
+    monkeypatch.setattr(metadata, "PROJECTOR_TYPE", "gemma3")  # write a projector of another family
+    other = convert_checkpoint(ConvertOptions(source=tiny_native, output_dir=tmp_path, quant="F16")).mmproj_path
+    with pytest.raises(ModelError, match="is a 'gemma3' projector, not Pixtral's"):
+        PixtralModel.load(converted("F16", "F16")[0], other, SMALL)
+
+
 def test_text_model_given_as_mmproj(converted):
     text = converted("F16", "F16")[0]
     with pytest.raises(ModelError, match="is not an mmproj"):
