@@ -18,16 +18,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_convert import ensure_checkpoint
 
 from pixtral_cpp.convert import ConvertOptions, convert_checkpoint
-from pixtral_cpp.synthetic import write_synthetic_checkpoint
 
 
 def ensure_model(work: Path, shape: str, quant: str) -> Path:
     out = work / f"{shape}-{quant}"
     text = out / f"Pixtral-{shape}-{quant}.gguf"
     if not text.is_file():
-        source = write_synthetic_checkpoint(work / f"{shape}-src" / f"Pixtral-{shape}", layout="native", shape=shape)
+        source = ensure_checkpoint(work, shape, "native")
         convert_checkpoint(ConvertOptions(source=source, output_dir=out, quant=quant, force=True))
     return text
 

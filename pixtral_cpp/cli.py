@@ -13,8 +13,7 @@ import click
 from pixtral_cpp import __version__
 from pixtral_cpp.cli_format import format_pair_info
 from pixtral_cpp.errors import PixtralError
-from pixtral_cpp.model_files import MODEL_ENV
-from pixtral_cpp.options import DEFAULT_CONTEXT
+from pixtral_cpp.cli_options import load_model, model_options
 
 RAISE_ENV = "PIXTRAL_CPP_RAISE_ERRORS"  # set to 1 to see full tracebacks
 
@@ -72,48 +71,10 @@ def convert(source: str, output_dir: Path | None, quant: str, mmproj_quant: str,
         click.echo(f"done in {result.seconds:.1f} s", err=True)
 
 
-def _model_options(f: Any) -> Any:
-    """The options every command that loads a model shares."""
-    decorators = [
-        click.option("-m", "--model", "model", help=f"Text GGUF or folder (default: ${MODEL_ENV}, then the models folder)."),
-        click.option("--mmproj", help="Vision projector GGUF (default: the mmproj-*.gguf beside the model)."),
-        click.option("--ctx", "n_ctx", type=click.IntRange(min=256), default=DEFAULT_CONTEXT, show_default=True,
-                     help="Context size in tokens (images take up to 4160 each)."),
-        click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: physical cores)."),
-        click.option("--gpu-layers", type=int, default=0, show_default=True,
-                     help="Text layers to offload to the GPU (-1: all) on Metal/CUDA builds."),
-        click.option("--max-image-size", type=int, default=1024, show_default=True, callback=_check_image_size,
-                     help="Longest image edge in px (16..1024, multiple of 16); smaller is faster, less detail."),
-    ]
-    for decorator in reversed(decorators):
-        f = decorator(f)
-    return f
-
-
-def _check_image_size(ctx: click.Context, param: click.Parameter, value: int) -> int:
-    if value < 16 or value > 1024 or value % 16:
-        raise click.BadParameter("must be a multiple of 16 between 16 and 1024")
-    return value
-
-
-def _load(ctx: click.Context, model: str | None, mmproj: str | None, **fields: Any) -> Any:
-    from pixtral_cpp.model import PixtralModel
-    from pixtral_cpp.options import ModelOptions
-
-    from pixtral_cpp.images import MAX_IMAGE_SIZE, max_image_tokens
-
-    budget = fields.get("max_image_size", MAX_IMAGE_SIZE)
-    if budget != MAX_IMAGE_SIZE:
-        click.echo(f"image budget {budget} px: at most {max_image_tokens(budget)} positions per image "
-                   f"({MAX_IMAGE_SIZE} px: {max_image_tokens(MAX_IMAGE_SIZE)}); less detail, faster", err=True)
-    verbose = bool(ctx.find_root().params.get("verbose"))
-    return PixtralModel.load(model, mmproj, ModelOptions(verbose=verbose, **fields))
-
-
 @main.command()
 @click.argument("images", nargs=-1, required=True)
 @click.option("-p", "--prompt", default="Describe this image in detail.", show_default=True)
-@_model_options
+@model_options
 @click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.3, show_default=True)
 @click.option("--seed", type=int, help="Sampling seed, for repeatable answers.")
@@ -130,7 +91,7 @@ def describe(ctx: click.Context, images: tuple[str, ...], prompt: str, model: st
     schema_dict = _read_schema(schema) if schema else None
     generation = GenerationOptions(max_tokens=max_tokens, temperature=temperature, seed=seed,
                                    json_schema=schema_dict)
-    with _load(ctx, model, mmproj, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers,
+    with load_model(ctx, model, mmproj, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers,
                max_image_size=max_image_size) as pixtral:
         if as_json:
             result = pixtral.describe(list(images), prompt, generation)
@@ -154,7 +115,7 @@ def _read_schema(handle: Any) -> dict[str, Any]:
 
 @main.command()
 @click.argument("images", nargs=-1)
-@_model_options
+@model_options
 @click.option("--system", help="System prompt.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.3, show_default=True)
@@ -168,7 +129,7 @@ def chat(ctx: click.Context, images: tuple[str, ...], model: str | None, mmproj:
     from pixtral_cpp.options import GenerationOptions
 
     generation = GenerationOptions(max_tokens=max_tokens, temperature=temperature, seed=seed)
-    with _load(ctx, model, mmproj, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers,
+    with load_model(ctx, model, mmproj, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers,
                max_image_size=max_image_size) as pixtral:
         run_chat(pixtral, list(images), generation, system, read_line=lambda: input("> "))
 
@@ -185,6 +146,17 @@ def info(model: str, mmproj: str | None) -> None:
     if not pair.matches:
         raise click.ClickException("the files do not work together: " + "; ".join(pair.problems))
 
+
+def _register_optional_commands() -> None:
+    from pixtral_cpp.cli_backend import backend
+    from pixtral_cpp.cli_batch import batch
+    from pixtral_cpp.cli_serve import serve
+
+    for command in (backend, batch, serve):
+        main.add_command(command)
+
+
+_register_optional_commands()
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from pixtral_cpp.backend import TextModel, TextModelOptions, VisionContext, set_verbose
-from pixtral_cpp.conversation import Image, Message, SpecialTokens, Text, build_prompt, normalize_messages
+from pixtral_cpp.conversation import (Image, ImageSlot, Message, PromptPlan, SpecialTokens, Text, build_prompt,
+                                      normalize_messages)
 from pixtral_cpp.errors import ContextLengthError
 from pixtral_cpp.generate import generate_tokens
 from pixtral_cpp.images import ImageSource, prepare_image
@@ -160,12 +161,12 @@ class PixtralModel:
     def _tokenize(self, text: str) -> list[int]:
         return self._text.tokenize(text, add_special=False, parse_special=False)
 
-    def _runs(self, plan: Any) -> tuple[list[Run], int]:
+    def _runs(self, plan: PromptPlan) -> tuple[list[Run], int]:
         """Token runs and encoded images in prompt order; returns how many images were encoded now."""
         runs: list[Run] = []
         encoded = 0
         for item in plan.items:
-            if isinstance(item, tuple) or isinstance(item, list):
+            if not isinstance(item, ImageSlot):
                 runs.append(TokenRun(tuple(item)))
                 continue
             prepared = prepare_image(plan.images[item.index].source, max_image_size=self.options.max_image_size)

@@ -28,3 +28,5 @@ def test_wheel_installs_converter_as_pixtral_cpp_convert(tmp_path):
     assert "pixtral_cpp/convert/tensor_map.py" in names
     assert "pixtral_cpp/synthetic/weights.py" in names
     assert not any(n.startswith("convert/") for n in names), "no top-level `convert` module may be installed"
+    presets = zipfile.ZipFile(wheel).read("pixtral_cpp/CMakePresets.json")
+    assert presets == (ROOT / "CMakePresets.json").read_bytes()

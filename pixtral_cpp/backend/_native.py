@@ -11,6 +11,7 @@ import ctypes
 import functools
 import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Callable
@@ -142,3 +143,100 @@ def is_gguf(path: Path) -> bool:
             return f.read(4) == b"GGUF"
     except OSError:
         return False
+
+
+# --- What the installed llama.cpp build can do (for `pixtral-cpp backend info`) ---------------------
+
+# enum ggml_backend_dev_type in ggml-backend.h, in order.
+_GGML_DEVICE_TYPES = ("CPU", "GPU", "IGPU", "ACCEL", "META")
+
+
+@dataclass(frozen=True)
+class NativeDevice:
+    """One device the ggml backend registry sees, e.g. ("CUDA0", "NVIDIA H100", "GPU", 80e9, 79e9)."""
+
+    name: str
+    description: str
+    type: str  # CPU, GPU, IGPU (integrated GPU), ACCEL (BLAS, AMX), META
+    memory_total: int  # bytes; 0 where the backend does not say
+    memory_free: int
+
+
+@functools.cache
+def _ggml_libraries() -> tuple[ctypes.CDLL, ctypes.CDLL]:
+    """(libggml, libggml-base) from llama-cpp-python's lib folder, with the device API typed.
+
+    llama-cpp-python binds none of ggml's backend registry functions. Loading the libraries again by
+    path returns the copies libllama already uses, so this sees the same registry. The registry lives
+    in libggml, the device accessors in libggml-base (Windows does not resolve one through the other).
+    """
+    llama, _ = bindings()
+    from llama_cpp._ctypes_extensions import load_shared_library
+
+    ggml = load_shared_library("ggml", llama._base_path)
+    base = load_shared_library("ggml-base", llama._base_path)
+    for lib, name, restype, argtypes in (
+        (ggml, "ggml_backend_reg_count", ctypes.c_size_t, []),
+        (ggml, "ggml_backend_reg_get", ctypes.c_void_p, [ctypes.c_size_t]),
+        (ggml, "ggml_backend_dev_count", ctypes.c_size_t, []),
+        (ggml, "ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t]),
+        (base, "ggml_backend_reg_name", ctypes.c_char_p, [ctypes.c_void_p]),
+        (base, "ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p]),
+        (base, "ggml_backend_dev_description", ctypes.c_char_p, [ctypes.c_void_p]),
+        (base, "ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p]),
+        (base, "ggml_backend_dev_memory", None,
+         [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]),
+        (base, "ggml_version", ctypes.c_char_p, []),
+        (base, "ggml_commit", ctypes.c_char_p, []),
+    ):
+        function = getattr(lib, name)
+        function.restype, function.argtypes = restype, argtypes
+    return ggml, base
+
+
+def _text(raw: bytes | None) -> str:
+    return (raw or b"").decode("utf-8", errors="replace")
+
+
+def system_info() -> str:
+    """llama.cpp's one-line build report, e.g. "CPU : SSE3 = 1 | AVX2 = 1 | ... | REPACK = 1 |"."""
+    llama, _ = bindings()
+    return _text(llama.llama_print_system_info()).strip()
+
+
+def ggml_version() -> tuple[str, str]:
+    """(version, commit) of the ggml library llama-cpp-python was built with, e.g. ("0.25.3", "abc1234")."""
+    _, base = _ggml_libraries()
+    return _text(base.ggml_version()), _text(base.ggml_commit())
+
+
+def llama_supports_gpu_offload() -> bool:
+    """True if the build has a GPU backend that can hold model layers (CUDA, Metal, Vulkan, ...)."""
+    llama, _ = bindings()
+    return bool(llama.llama_supports_gpu_offload())
+
+
+def backend_registries() -> tuple[str, ...]:
+    """Names of the backends compiled in, e.g. ("CUDA", "CPU"); present even where they find no device."""
+    ggml, base = _ggml_libraries()
+    return tuple(_text(base.ggml_backend_reg_name(ggml.ggml_backend_reg_get(i)))
+                 for i in range(ggml.ggml_backend_reg_count()))
+
+
+def backend_devices() -> tuple[NativeDevice, ...]:
+    """Every device the compiled-in backends found on this machine, in llama.cpp's order."""
+    ggml, base = _ggml_libraries()
+    devices = []
+    for i in range(ggml.ggml_backend_dev_count()):
+        device = ggml.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        base.ggml_backend_dev_memory(device, ctypes.byref(free), ctypes.byref(total))
+        kind = base.ggml_backend_dev_type(device)
+        devices.append(NativeDevice(
+            name=_text(base.ggml_backend_dev_name(device)),
+            description=_text(base.ggml_backend_dev_description(device)).strip(),
+            type=_GGML_DEVICE_TYPES[kind] if 0 <= kind < len(_GGML_DEVICE_TYPES) else f"type {kind}",
+            memory_total=total.value,
+            memory_free=free.value,
+        ))
+    return tuple(devices)

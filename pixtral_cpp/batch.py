@@ -1,0 +1,264 @@
+"""Describe many images one by one into a JSONL file that survives interruptions and resumes.
+
+    images = collect_images(["photos/"])
+    summary = run_batch(model, images, "answers.jsonl", prompt="What is in this picture?")
+
+Each line of the output is one record: {"path", "answer", "error", "stats", "prompt"}. The file is
+the batch's only state:
+
+- An image counts as done when the file holds a record for its path *and the same prompt*, so
+  one file can collect the answers of several prompts, and a re-run with the same prompt describes
+  only what is missing. Failed images are done too (their record holds the error): the failures
+  recorded are properties of the file (corrupt, not an image), so retrying gives the same error.
+  To retry one, delete its line.
+- Records are appended one complete line per write, flushed and fsynced, so an interruption
+  (Ctrl-C, kill, power loss) loses at most the image in progress. A partial last line left by an
+  interrupted write is cut off on the next run; a complete line that is not a record is an error,
+  never silently dropped (the file may not be ours).
+- Only errors that belong to one image (ImageError: unreadable, corrupt, not an image) are
+  recorded. Anything else (the backend, the model, a context too small for the image budget) would
+  fail every image in the same way and, once recorded, would mark them all done: it stops the
+  batch instead, with the file valid, so a re-run after the fix carries on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pixtral_cpp.errors import ImageError, OutputError
+from pixtral_cpp.model import DEFAULT_PROMPT, PixtralModel
+from pixtral_cpp.options import GenerationOptions
+
+# What a folder is expanded to (lower-cased suffixes); files named explicitly are taken whatever
+# their suffix, a failure to read them is recorded like any other bad image.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """One line of the output: the answer and its statistics, or the error."""
+
+    path: str  # absolute, so a re-run from another working folder still finds it done
+    answer: str | None
+    error: str | None
+    stats: dict[str, Any] | None  # GenerationStats.to_dict()
+    prompt: str
+
+    def to_line(self) -> bytes:
+        # UTF-8, readable in any language; a file name that is not UTF-8 reaches us surrogate-escaped,
+        # and backslashreplace writes those as \udcXX, a JSON escape that reads back to the same name
+        return (json.dumps(asdict(self), ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
+
+
+@dataclass(frozen=True)
+class BatchProgress:
+    """Sent to on_progress once before the first image (record None) and after each image is saved."""
+
+    completed: int  # images finished in this run, failed ones included
+    total: int  # images this run has to do (the already done ones are not counted)
+    skipped: int  # images already done in the output file
+    record: BatchRecord | None
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    done: int  # described in this run
+    skipped_already_done: int  # found in the output file with the same prompt
+    failed: int  # recorded with an error in this run
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def collect_images(inputs: Iterable[str | os.PathLike[str]], recursive: bool = False) -> list[Path]:
+    """Files as given, folders expanded to their image files (sorted); each image once, by resolved path."""
+    images: list[Path] = []
+    seen: set[Path] = set()
+    for item in inputs:
+        for path in _expand(Path(item), recursive):
+            resolved = path.resolve()
+            if resolved not in seen:
+                seen.add(resolved)
+                images.append(path)
+    if not images:
+        names = ", ".join(str(item) for item in inputs) or "no inputs"
+        raise ImageError(f"no image files ({' '.join(sorted(IMAGE_SUFFIXES))}) in {names}")
+    return images
+
+
+def _expand(path: Path, recursive: bool) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise ImageError(f"{path}: {'not a file or folder' if path.exists() else 'no such file or folder'}")
+    candidates = path.rglob("*") if recursive else path.iterdir()
+    # Hidden files are skipped: macOS's ._photo.jpg resource forks would each be a recorded failure.
+    return sorted(p for p in candidates
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running
+
+
+def run_batch(model: PixtralModel, images: Iterable[str | os.PathLike[str]],
+              out_path: str | os.PathLike[str], *, prompt: str = DEFAULT_PROMPT,
+              generation: GenerationOptions | None = None,
+              on_progress: Callable[[BatchProgress], None] | None = None) -> BatchSummary:
+    """Describe each image not yet in `out_path` for this prompt, appending one record per image.
+
+    A KeyboardInterrupt (also one raised by on_progress) propagates after the last finished record
+    is safely on disk. Errors other than ImageError stop the batch (see the module docstring).
+    """
+    started = time.monotonic()
+    generation = generation or GenerationOptions()
+    report = on_progress or (lambda _: None)
+    unique = _unique_absolute(images)
+    with _RecordFile(Path(out_path)) as output:
+        done = output.done_paths(prompt)
+        pending = [path for resolved, path in unique.items() if resolved not in done]
+        skipped, described, failed = len(unique) - len(pending), 0, 0
+        report(BatchProgress(0, len(pending), skipped, None))
+        for n, path in enumerate(pending, 1):
+            record = _describe_one(model, path, prompt, generation)
+            output.append(record)
+            described += record.error is None
+            failed += record.error is not None
+            report(BatchProgress(n, len(pending), skipped, record))
+    return BatchSummary(described, skipped, failed, time.monotonic() - started)
+
+
+def _unique_absolute(images: Iterable[str | os.PathLike[str]]) -> dict[Path, Path]:
+    """Resolved path -> absolute path, first occurrence wins (callers may pass duplicates)."""
+    unique: dict[Path, Path] = {}
+    for image in images:
+        path = Path(image).absolute()
+        unique.setdefault(path.resolve(), path)
+    return unique
+
+
+def _describe_one(model: PixtralModel, path: Path, prompt: str, generation: GenerationOptions) -> BatchRecord:
+    try:
+        completion = model.describe(path, prompt, generation)
+    except ImageError as exc:
+        return BatchRecord(str(path), None, str(exc), None, prompt)
+    return BatchRecord(str(path), completion.text, None, completion.stats.to_dict(), prompt)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The output file
+
+
+class _RecordFile:
+    """The JSONL output, locked against a second batch, repaired on open, appended durably."""
+
+    def __init__(self, path: Path) -> None:
+        if path.is_dir():
+            raise OutputError(f"{path} is a folder; give the JSONL file to write, "
+                              f"e.g. {path / 'answers.jsonl'}")
+        if not path.parent.is_dir():
+            raise OutputError(f"cannot write {path}: the folder {path.parent} does not exist")
+        self.path = path
+        self._fd = -1
+        self._keys: list[tuple[str, str]] = []  # (path, prompt) of each record; answers stay on disk
+
+    def __enter__(self) -> _RecordFile:
+        created = not self.path.exists()
+        try:
+            # O_APPEND: every write lands at the end, whatever a reader or we did to the offset.
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as exc:
+            raise OutputError(f"cannot open {self.path}: {exc.strerror}") from exc
+        try:
+            _lock(self._fd, self.path)
+            if created:
+                _fsync_folder(self.path.parent)
+            self._keys = self._read_and_repair()
+        except BaseException:
+            os.close(self._fd)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)  # also releases the lock
+
+    def done_paths(self, prompt: str) -> set[Path]:
+        return {Path(path).resolve() for path, asked in self._keys if asked == prompt}
+
+    def append(self, record: BatchRecord) -> None:
+        line = memoryview(record.to_line())
+        try:
+            while line:  # os.write may write less than asked (a signal, a nearly full disk): finish it
+                line = line[os.write(self._fd, line):]
+            os.fsync(self._fd)
+        except OSError as exc:  # a partial line is cut off by the next run, like an interruption
+            raise OutputError(f"cannot write to {self.path}: {exc.strerror}; the records before this one "
+                              "are safe, run the batch again to resume") from exc
+
+    def _read_and_repair(self) -> list[tuple[str, str]]:
+        """(path, prompt) of the records already written; a partial last line (an interrupted write)
+        is cut off."""
+        keys: list[tuple[str, str]] = []
+        end_of_complete = 0  # byte offset just after the last complete line
+        with open(self.path, "rb") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.endswith(b"\n"):
+                    tail = _parse_record(line)
+                    if tail is None:  # cut mid-record: that image is simply done again
+                        os.ftruncate(self._fd, end_of_complete)
+                    else:  # cut just before its newline (or an editor dropped it): keep it whole
+                        keys.append((tail["path"], tail["prompt"]))
+                        os.write(self._fd, b"\n")
+                    os.fsync(self._fd)
+                    break
+                end_of_complete += len(line)
+                if not line.strip():
+                    continue
+                record = _parse_record(line)
+                if record is None:
+                    raise OutputError(f"{self.path} line {number} is not a batch record ({line[:60]!r}); "
+                                      "fix or remove that line, or write to another file")
+                keys.append((record["path"], record["prompt"]))
+        return keys
+
+
+def _parse_record(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("path"), str) \
+            or not isinstance(record.get("prompt"), str):
+        return None
+    return record
+
+
+def _lock(fd: int, path: Path) -> None:
+    """Refuse a second batch on the same file: two writers would describe the same images twice."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks through fcntl; one writer is the user's job
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise OutputError(f"another batch is writing to {path}; wait for it or choose another file") from None
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a new file's name durable too, not just its contents (POSIX; Windows cannot open folders)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,68 @@
+"""`pixtral-cpp batch`: one answer per image into a JSONL file, resumable (see pixtral_cpp.batch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pixtral_cpp.cli_options import load_model, model_options
+from pixtral_cpp.cli_progress import TerminalProgress
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--jsonl", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output file, one record per image; re-run with the same file to resume.")
+@click.option("-p", "--prompt", default="Describe this image in detail.", show_default=True,
+              help="Asked of each image on its own (an image counts as done only for the same prompt).")
+@click.option("-r", "--recursive", is_flag=True, help="Look for images in sub-folders too.")
+@model_options
+@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.3, show_default=True)
+@click.option("--seed", type=int, help="Sampling seed, for repeatable answers.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def batch(ctx: click.Context, inputs: tuple[str, ...], out: Path, prompt: str, recursive: bool,
+          model: str | None, mmproj: str | None, n_ctx: int, threads: int | None, gpu_layers: int,
+          max_image_size: int, max_tokens: int, temperature: float, seed: int | None, quiet: bool) -> None:
+    """Describe each image of INPUTS (folders, image files) on its own: one JSON line per image.
+
+    Unreadable images are recorded with their error and the batch goes on; exit code 0 unless every
+    image tried failed. Interrupt at any time: running the same command again finishes the rest.
+    """
+    from pixtral_cpp.batch import BatchProgress, collect_images, run_batch
+    from pixtral_cpp.options import GenerationOptions
+
+    images = collect_images(inputs, recursive=recursive)  # before loading: a typo fails in a second
+    generation = GenerationOptions(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    progress = None if quiet else TerminalProgress()
+    finished = 0
+
+    def on_progress(update: BatchProgress) -> None:
+        nonlocal finished
+        finished = update.completed
+        if progress is None or update.total == 0:
+            return
+        if update.record is None:
+            progress.begin(f"describing {update.total} images", update.total, unit="images")
+        else:
+            progress.advance(1)
+            if update.completed == update.total:
+                progress.end()
+
+    # One image at a time: keeping past embeddings for follow-up questions would only use memory.
+    with load_model(ctx, model, mmproj, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers,
+               max_image_size=max_image_size, image_cache_size=1) as pixtral:
+        try:
+            summary = run_batch(pixtral, images, out, prompt=prompt, generation=generation,
+                                on_progress=on_progress)
+        except KeyboardInterrupt:
+            if progress is not None and progress.interactive:
+                click.echo(err=True)  # leave the half-drawn bar on its own line
+            raise click.ClickException(f"interrupted after {finished} images; {out} holds every finished "
+                                       "one: run the same command again to resume") from None
+    click.echo(f"{summary.done} described, {summary.skipped_already_done} already done, "
+               f"{summary.failed} failed in {summary.seconds:.1f} s -> {out}")
+    if summary.failed and not summary.done:
+        raise click.ClickException(f"all {summary.failed} images failed; their errors are in {out}")

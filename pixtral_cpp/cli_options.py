@@ -1,0 +1,48 @@
+"""Options and model loading shared by the CLI commands that run a model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from pixtral_cpp.model_files import MODEL_ENV
+from pixtral_cpp.options import DEFAULT_CONTEXT
+
+
+def model_options(f: Any) -> Any:
+    """The options every command that loads a model shares."""
+    decorators = [
+        click.option("-m", "--model", "model", help=f"Text GGUF or folder (default: ${MODEL_ENV}, then the models folder)."),
+        click.option("--mmproj", help="Vision projector GGUF (default: the mmproj-*.gguf beside the model)."),
+        click.option("--ctx", "n_ctx", type=click.IntRange(min=256), default=DEFAULT_CONTEXT, show_default=True,
+                     help="Context size in tokens (images take up to 4160 each)."),
+        click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: physical cores)."),
+        click.option("--gpu-layers", type=int, default=0, show_default=True,
+                     help="Text layers to offload to the GPU (-1: all) on Metal/CUDA builds."),
+        click.option("--max-image-size", type=int, default=1024, show_default=True, callback=check_image_size,
+                     help="Longest image edge in px (16..1024, multiple of 16); smaller is faster, less detail."),
+    ]
+    for decorator in reversed(decorators):
+        f = decorator(f)
+    return f
+
+
+def check_image_size(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if value < 16 or value > 1024 or value % 16:
+        raise click.BadParameter("must be a multiple of 16 between 16 and 1024")
+    return value
+
+
+def load_model(ctx: click.Context, model: str | None, mmproj: str | None, **fields: Any) -> Any:
+    from pixtral_cpp.model import PixtralModel
+    from pixtral_cpp.options import ModelOptions
+
+    from pixtral_cpp.images import MAX_IMAGE_SIZE, max_image_tokens
+
+    budget = fields.get("max_image_size", MAX_IMAGE_SIZE)
+    if budget != MAX_IMAGE_SIZE:
+        click.echo(f"image budget {budget} px: at most {max_image_tokens(budget)} positions per image "
+                   f"({MAX_IMAGE_SIZE} px: {max_image_tokens(MAX_IMAGE_SIZE)}); less detail, faster", err=True)
+    verbose = bool(ctx.find_root().params.get("verbose"))
+    return PixtralModel.load(model, mmproj, ModelOptions(verbose=verbose, **fields))

@@ -1,0 +1,64 @@
+"""`pixtral-cpp serve`: the OpenAI-compatible server over pixtral_cpp.server.
+
+Registered in cli.py; Starlette and uvicorn are imported only when the command runs (the `server` extra).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pixtral_cpp.cli_options import load_model, model_options
+
+API_KEY_ENV = "PIXTRAL_CPP_API_KEY"  # so the key need not show in `ps`
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback needs --api-key or --allow-remote.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--api-key", envvar=API_KEY_ENV, help=f"Key every request must send as a Bearer token "
+              f"(or ${API_KEY_ENV}).")
+@click.option("--allow-remote", is_flag=True,
+              help="Listen beyond loopback without a key (when a proxy in front checks who may call).")
+@click.option("--allow-image-folder", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder whose images requests may name by local path (default: none, data URLs only).")
+@click.option("--model-id", default="pixtral-12b", show_default=True, help="Model name clients use.")
+@click.option("--max-body-mb", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Largest request body in MB.")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=4096 * 4096, show_default=True,
+              help="Largest image (width x height) a request may send.")
+@click.option("--max-images", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Most images per request.")
+@click.option("--max-tokens-limit", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Most tokens a request may ask for.")
+@click.option("--max-queued", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Requests waiting or running at once; more get 503.")
+@model_options
+@click.pass_context
+def serve(ctx: click.Context, host: str, port: int, api_key: str | None, allow_remote: bool,
+          allow_image_folder: Path | None, model_id: str, max_body_mb: int, max_image_pixels: int,
+          max_images: int, max_tokens_limit: int, max_queued: int, model: str | None, mmproj: str | None,
+          n_ctx: int, threads: int | None, gpu_layers: int, max_image_size: int) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health)."""
+    try:
+        from pixtral_cpp.server import ServerConfig, check_bind_address, run_server
+    except ImportError as exc:  # the `server` extra is not installed
+        raise click.ClickException(str(exc)) from None
+
+    config = ServerConfig(api_key=api_key or None, allowed_image_folder=allow_image_folder,
+                          max_body_bytes=max_body_mb * 1_000_000, max_image_pixels=max_image_pixels,
+                          max_tokens_limit=max_tokens_limit, max_images_per_request=max_images,
+                          max_queued_requests=max_queued, model_id=model_id)
+    check_bind_address(host, config, allow_remote=allow_remote)  # before minutes of loading
+    verbose = bool(ctx.find_root().params.get("verbose"))
+    with load_model(ctx, model, mmproj, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers,
+                    max_image_size=max_image_size) as pixtral:
+        click.echo(f"serving {model_id} on http://{host}:{port}/v1", err=True)
+        run_server(pixtral, config, host, port, allow_remote=allow_remote,
+                   log_level="info" if verbose else "warning")
+
+
+if __name__ == "__main__":  # `python -m pixtral_cpp.cli_serve`, until cli.py registers the command
+    serve()

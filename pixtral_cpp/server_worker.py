@@ -1,0 +1,165 @@
+"""One thread that runs every generation of a shared model, in arrival order, for asyncio callers.
+
+PixtralModel is synchronous and holds one KV cache, so requests take turns: jobs wait in a FIFO queue
+and a single worker thread runs them one at a time. The thread that iterates a model stream is the one
+that closes it: a generator cannot be closed from another thread while it runs ("generator already
+executing"), so the event loop never touches the stream; it sets a job's cancel flag, and the worker
+checks the flag between chunks and closes the stream itself, which stops generation and releases the
+model's lock for the next job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any
+
+from pixtral_cpp.conversation import Message
+from pixtral_cpp.errors import PixtralError
+from pixtral_cpp.options import GenerationOptions
+from pixtral_cpp.results import Chunk, GenerationStats
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.1  # how often a waiting request checks whether its client is still there
+
+
+class ServerBusyError(Exception):
+    """The request cannot be served now: too many are waiting, or the server is shutting down."""
+
+
+class Job:
+    """One generation: the worker pushes chunks into an asyncio queue; the request reads them."""
+
+    def __init__(self, messages: list[Message], options: GenerationOptions, loop: asyncio.AbstractEventLoop
+                 ) -> None:
+        self.messages, self.options = messages, options
+        self._loop = loop
+        self._items: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
+        self._cancelled = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """Ask the worker to stop this job at the next chunk (or skip it if it has not started)."""
+        self._cancelled.set()
+
+    def deliver(self, item: Chunk | BaseException) -> None:
+        """From the worker thread: hand an item to the event loop."""
+        try:
+            self._loop.call_soon_threadsafe(self._items.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the server is gone, nobody is listening
+            self.cancel()
+
+    async def chunks(self, disconnected: Callable[[], Awaitable[bool]]) -> AsyncGenerator[Chunk, None]:
+        """Text chunks then GenerationStats; raises the job's error. Stops, and cancels the job, when
+        `disconnected()` turns true or the caller stops iterating."""
+        getter: asyncio.Future[Chunk | BaseException] | None = None
+        try:
+            while True:
+                if await disconnected():
+                    logger.info("client went away; stopping its generation")
+                    return
+                # One pending get across polls: cancelling a get that raced with a put could drop an item.
+                getter = getter or asyncio.ensure_future(self._items.get())
+                done, _ = await asyncio.wait({getter}, timeout=POLL_SECONDS)
+                if not done:
+                    continue
+                item, getter = getter.result(), None
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, GenerationStats):
+                    return
+        finally:
+            self.cancel()  # a no-op after the stats: the worker is done with this job
+            if getter is not None:
+                getter.cancel()
+
+
+class GenerationWorker:
+    """Runs jobs on `model` (a PixtralModel) one at a time, in the order they were submitted."""
+
+    def __init__(self, model: Any, max_queued: int) -> None:
+        self._model = model
+        self._max_queued = max_queued
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._pending = 0  # submitted and not finished
+        self._pending_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._current: Job | None = None  # the job the worker is running
+        self._stopping = False
+        self.completed = 0  # jobs that ran to their end
+        self.cancelled = 0  # jobs stopped or skipped because their client left
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="pixtral-generation", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel the running job (it stops at its next chunk), refuse the waiting ones, end the thread."""
+        if self._thread is None:
+            return
+        self._stopping = True
+        if (current := self._current) is not None:
+            current.cancel()
+        self._jobs.put(None)
+        self._thread.join(timeout)
+        self._thread = None
+
+    def submit(self, messages: list[Message], options: GenerationOptions) -> Job:
+        """Queue a generation; the caller reads it with `Job.chunks` on the running event loop."""
+        with self._pending_lock:
+            if self._stopping:
+                raise ServerBusyError("the server is shutting down")
+            if self._pending >= self._max_queued:
+                raise ServerBusyError(f"{self._pending} requests are already waiting or running "
+                                      f"(the limit is {self._max_queued}); retry shortly")
+            self._pending += 1
+        job = Job(messages, options, asyncio.get_running_loop())
+        self.start()
+        self._jobs.put(job)
+        return job
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self._current = job
+            try:
+                self._serve(job)
+            finally:
+                self._current = None
+                with self._pending_lock:
+                    self._pending -= 1
+
+    def _serve(self, job: Job) -> None:
+        if self._stopping:
+            job.deliver(ServerBusyError("the server is shutting down"))
+            return
+        if job.cancelled:  # its client left while it waited: never touch the model for it
+            self.cancelled += 1
+            return
+        stream = self._model.stream_chat(job.messages, job.options)
+        try:
+            for chunk in stream:
+                if job.cancelled:
+                    self.cancelled += 1
+                    return
+                job.deliver(chunk)
+            self.completed += 1
+        except Exception as error:  # every failure goes back to its request
+            if not isinstance(error, PixtralError):  # ours say what to fix; anything else is a bug
+                logger.exception("generation failed")
+            job.deliver(error)
+        finally:
+            stream.close()  # here, in the thread iterating it: stops generation, releases the model lock
+
