@@ -43,6 +43,9 @@ class _ProgressParser:
             self.error = exc
 
 
+QUANTIZE_SLAB_BYTES = 256 * 1024 * 1024
+
+
 def quantize_gguf(
     src: Path,
     dst: Path,
@@ -60,6 +63,9 @@ def quantize_gguf(
     params.nthread = threads
     params.ftype = ftype
     params.allow_requantize = allow_requantize
+    # llama.cpp converts each tensor to float32 in slabs of up to this size (default 8 GiB, i.e. the
+    # whole 131072 x 5120 embedding at once): a small slab bounds peak memory at no cost in speed.
+    params.max_buf_size = QUANTIZE_SLAB_BYTES
     parser = _ProgressParser(on_tensor) if on_tensor is not None else None
     if parser is not None:
         with log_listener(parser):
