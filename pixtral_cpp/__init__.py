@@ -16,6 +16,9 @@ _LAZY = {
     "Completion": "pixtral_cpp.results",
     "GenerationStats": "pixtral_cpp.results",
     "TextChunk": "pixtral_cpp.results",
+    "CancelToken": "pixtral_cpp.control",
+    "ProgressEvent": "pixtral_cpp.control",
+    "ModelBusyError": "pixtral_cpp.model",
 }
 
 __all__ = ["PixtralError", "__version__", *_LAZY]

@@ -150,9 +150,10 @@ def info(model: str, mmproj: str | None) -> None:
 def _register_optional_commands() -> None:
     from pixtral_cpp.cli_backend import backend
     from pixtral_cpp.cli_batch import batch
+    from pixtral_cpp.cli_doctor import doctor
     from pixtral_cpp.cli_serve import serve
 
-    for command in (backend, batch, serve):
+    for command in (backend, batch, doctor, serve):
         main.add_command(command)
 
 

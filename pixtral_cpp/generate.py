@@ -6,6 +6,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 
 from pixtral_cpp.backend import IncrementalDecoder, Sampler, SamplingOptions, TextModel, json_schema_grammar
+from pixtral_cpp.control import CancelToken
 from pixtral_cpp.options import GenerationOptions
 from pixtral_cpp.prompt_cache import PromptCache
 from pixtral_cpp.results import FinishReason, TextChunk
@@ -43,8 +44,12 @@ class _StopStrings:
 
 
 def generate_tokens(text: TextModel, cache: PromptCache, options: GenerationOptions, seed: int | None,
-                    budget: int) -> Generator[TextChunk, None, Outcome]:
-    """Generate after an evaluated prompt; every decoded token is recorded in `cache.keys`."""
+                    budget: int, cancel: CancelToken | None = None) -> Generator[TextChunk, None, Outcome]:
+    """Generate after an evaluated prompt; every decoded token is recorded in `cache.keys`.
+
+    `cancel` is checked before each token: the KV cache then holds exactly the prompt and the tokens
+    decoded so far, so the next call reuses it as usual.
+    """
     grammar = json_schema_grammar(options.json_schema) if options.json_schema is not None else None
     sampling = SamplingOptions(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
                                repeat_penalty=options.repeat_penalty, seed=seed)
@@ -53,6 +58,9 @@ def generate_tokens(text: TextModel, cache: PromptCache, options: GenerationOpti
     generated, finish = 0, "length"
     try:
         while generated < budget:
+            if cancel is not None and cancel.cancelled:
+                finish = "cancelled"
+                break
             token = sampler.sample()
             if text.is_end_of_generation(token):
                 _decode(text, cache, token)  # keep `</s>` in the cache: the next turn's prompt has it

@@ -7,7 +7,7 @@ import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, Sequence
+from typing import Any, Callable, Literal, Protocol, Sequence
 
 import numpy as np
 
@@ -16,6 +16,8 @@ from pixtral_cpp.errors import BackendError, ModelError
 
 _GGML_TYPE = {"f32": 0, "f16": 1}  # enum ggml_type values used for the KV cache
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # enum llama_flash_attn_type
+
+LoadProgress = Callable[[float], None]  # llama.cpp's load progress, 0.0..1.0
 
 
 @dataclass(frozen=True)
@@ -56,12 +58,14 @@ class Closeable(Protocol):
 class TextModel:
     """Owns a ``llama_model`` and one ``llama_context`` (sequence 0); frees both on :meth:`close`."""
 
-    def __init__(self, path: Path, options: TextModelOptions | None = None) -> None:
+    def __init__(self, path: Path, options: TextModelOptions | None = None, *,
+                 on_progress: LoadProgress | None = None) -> None:
+        """``on_progress`` gets llama.cpp's load fraction; an exception it raises aborts the load, re-raised."""
         self.path = Path(path)
         self.options = options or TextModelOptions()
         self._llama, _ = bindings()
         self._dependents: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._model = self._load_model()
+        self._model = self._load_model(on_progress)
         self._ctx = self._new_context()
         # Runs on close(), garbage collection or interpreter exit, whichever comes first; context first.
         self._finalizer = weakref.finalize(self, _free_text, self._llama, self._ctx, self._model)
@@ -70,7 +74,7 @@ class TextModel:
         self.n_embd: int = self._llama.llama_model_n_embd_inp(self._model)
         self.n_ctx: int = self._llama.llama_n_ctx(self._ctx)
 
-    def _load_model(self) -> int:
+    def _load_model(self, on_progress: LoadProgress | None) -> int:
         if not self.path.is_file():
             raise ModelError(f"text model {self.path} does not exist")
         if not is_gguf(self.path):
@@ -81,7 +85,14 @@ class TextModel:
         params.load_mode = llama.LLAMA_LOAD_MODE_MMAP if self.options.use_mmap else llama.LLAMA_LOAD_MODE_NONE
         repack = self.options.repack_weights
         params.use_extra_bufts = repacking_is_safe() if repack is None else repack
+        relay = _ProgressRelay(llama, on_progress) if on_progress is not None else None
+        if relay is not None:
+            params.progress_callback = relay.c_callback  # `relay` keeps it alive until loading returns
         model = llama.llama_model_load_from_file(bytes(self.path), params)
+        if relay is not None and relay.error is not None:
+            if model:
+                llama.llama_model_free(model)
+            raise relay.error
         if not model:
             raise ModelError(f"llama.cpp could not load {self.path}: {last_native_error()}")
         return model
@@ -273,6 +284,29 @@ class TextModel:
         if not ptr:
             raise BackendError("llama.cpp returned no logits")
         return np.ctypeslib.as_array(ptr, shape=(n_rows, self.n_vocab)).copy()
+
+
+class _ProgressRelay:
+    """llama.cpp's progress_callback: forwards the fraction; an exception stops loading and is kept.
+
+    An exception cannot cross the C frames of the loader, so it is stored, False tells llama.cpp to
+    abort the load, and _load_model re-raises it.
+    """
+
+    def __init__(self, llama: Any, on_progress: LoadProgress) -> None:
+        self.on_progress = on_progress
+        self.error: BaseException | None = None
+        self.c_callback = llama.llama_progress_callback(self._call)
+
+    def _call(self, progress: float, _user_data: Any) -> bool:
+        if self.error is not None:
+            return False
+        try:
+            self.on_progress(float(progress))
+        except BaseException as exc:  # noqa: BLE001 - re-raised by _load_model
+            self.error = exc
+            return False
+        return True
 
 
 def _free_text(llama: Any, ctx: int, model: int) -> None:
