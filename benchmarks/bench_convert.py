@@ -80,7 +80,8 @@ def main() -> None:
             steps = upstream(hf, work / f"upstream-{quant}", quant, args.threads, args.llama_cpp_dir)
             seconds, peak = sum(s.seconds for s in steps), max(s.peak_rss_gb for s in steps)
             failed = any(s.returncode for s in steps)
-            line += f" {seconds:>12.1f} {peak:>8.2f} {mine.seconds / seconds:>10.2f}" + (" (upstream failed)" if failed else "")
+            line += f" {seconds:>12.1f} {peak:>8.2f} {mine.seconds / seconds:>10.2f}"
+            line += " (upstream failed)" if failed else ""
         print(line, flush=True)
         shutil.rmtree(work / f"out-{quant}", ignore_errors=True)
         shutil.rmtree(work / f"upstream-{quant}", ignore_errors=True)

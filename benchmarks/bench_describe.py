@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 from bench_convert import ensure_checkpoint
-
 from pixtral_cpp.convert import ConvertOptions, convert_checkpoint
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from pixtral_cpp.convert.pipeline import (ConversionPlan, ConvertOptions, ConvertResult, convert_checkpoint,
-                                          plan_conversion)
+from pixtral_cpp.convert.pipeline import (
+                                          ConversionPlan,
+                                          ConvertOptions,
+                                          ConvertResult,
+                                          convert_checkpoint,
+                                          plan_conversion,
+)
 from pixtral_cpp.convert.progress import NullProgress, Progress
 from pixtral_cpp.convert.quant_types import MMPROJ_TYPES, TEXT_TYPES
 

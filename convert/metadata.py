@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import gguf
-
 from pixtral_cpp.convert.chat_template import PIXTRAL_CHAT_TEMPLATE
 from pixtral_cpp.convert.config import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, PixtralConfig
 from pixtral_cpp.convert.tokenizer import Vocabulary, add_vocabulary_metadata

@@ -11,8 +11,8 @@ import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from pixtral_cpp.errors import OutputError
 

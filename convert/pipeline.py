@@ -11,16 +11,30 @@ from pathlib import Path
 
 import gguf
 from gguf import GGMLQuantizationType as Q
-
 from pixtral_cpp.convert.metadata import MMPROJ_ARCH, TEXT_ARCH, add_mmproj_metadata, add_text_metadata
-from pixtral_cpp.convert.output import (METADATA_ALLOWANCE, check_free_space, format_bytes, partial_path,
-                                        prepare_output_dir, publish, refuse_existing, temporary_files)
+from pixtral_cpp.convert.output import (
+    METADATA_ALLOWANCE,
+    check_free_space,
+    format_bytes,
+    partial_path,
+    prepare_output_dir,
+    publish,
+    refuse_existing,
+    temporary_files,
+)
 from pixtral_cpp.convert.plan import PlannedTensor, check_coverage, file_bytes, plan_file
 from pixtral_cpp.convert.progress import NullProgress, Progress
 from pixtral_cpp.convert.quant_types import QuantType, mmproj_quant, text_quant
-from pixtral_cpp.convert.source import Checkpoint, fetch_from_hub, hub_url, looks_like_repo_id, open_checkpoint
+from pixtral_cpp.convert.source import (
+    Checkpoint,
+    fetch_from_hub,
+    hub_url,
+    looks_like_repo_id,
+    open_checkpoint,
+)
 from pixtral_cpp.convert.tensor_map import Target
 from pixtral_cpp.convert.writer import write_gguf
+
 from pixtral_cpp.errors import CheckpointError, QuantizationError
 from pixtral_cpp.paths import default_models_dir
 

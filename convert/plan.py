@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import gguf
 from gguf import GGMLQuantizationType as Q
-
 from pixtral_cpp.convert import transforms as T
 from pixtral_cpp.convert.safetensors_reader import TensorInfo
 from pixtral_cpp.convert.source import HF, Checkpoint
 from pixtral_cpp.convert.tensor_map import SKIPPED_SUFFIXES, Storage, Target, TensorRow, rows_for
+
 from pixtral_cpp.errors import TensorError
 
 

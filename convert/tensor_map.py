@@ -8,11 +8,10 @@ MODEL_TENSOR table. `{bid}` is the block index.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import gguf
-
 from pixtral_cpp.convert import transforms as T
 from pixtral_cpp.convert.config import PixtralConfig
 

@@ -6,10 +6,9 @@ the tensor in GGUF row order. Row shuffles are exact for any dtype.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
-
 from pixtral_cpp.convert.config import PixtralConfig
 
 Transform = Callable[[np.ndarray, PixtralConfig], np.ndarray]

@@ -6,15 +6,15 @@ checkpoint size; the source stays memory-mapped.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
-
 from pixtral_cpp.convert.plan import PlannedTensor
 from pixtral_cpp.convert.safetensors_reader import widen_to_float32
 from pixtral_cpp.convert.source import Checkpoint
+
 from pixtral_cpp.errors import TensorError
 
 CHUNK_BYTES = 64 * 1024 * 1024  # of float32 per conversion step

@@ -12,8 +12,8 @@ import click
 
 from pixtral_cpp import __version__
 from pixtral_cpp.cli_format import format_pair_info
-from pixtral_cpp.errors import PixtralError
 from pixtral_cpp.cli_options import load_model, model_options
+from pixtral_cpp.errors import PixtralError
 
 RAISE_ENV = "PIXTRAL_CPP_RAISE_ERRORS"  # set to 1 to see full tracebacks
 

@@ -13,7 +13,8 @@ from pixtral_cpp.options import DEFAULT_CONTEXT
 def model_options(f: Any) -> Any:
     """The options every command that loads a model shares."""
     decorators = [
-        click.option("-m", "--model", "model", help=f"Text GGUF or folder (default: ${MODEL_ENV}, then the models folder)."),
+        click.option("-m", "--model", "model",
+                     help=f"Text GGUF or folder (default: ${MODEL_ENV}, then the models folder)."),
         click.option("--mmproj", help="Vision projector GGUF (default: the mmproj-*.gguf beside the model)."),
         click.option("--ctx", "n_ctx", type=click.IntRange(min=256), default=DEFAULT_CONTEXT, show_default=True,
                      help="Context size in tokens (images take up to 4160 each)."),
@@ -35,10 +36,9 @@ def check_image_size(ctx: click.Context, param: click.Parameter, value: int) -> 
 
 
 def load_model(ctx: click.Context, model: str | None, mmproj: str | None, **fields: Any) -> Any:
+    from pixtral_cpp.images import MAX_IMAGE_SIZE, max_image_tokens
     from pixtral_cpp.model import PixtralModel
     from pixtral_cpp.options import ModelOptions
-
-    from pixtral_cpp.images import MAX_IMAGE_SIZE, max_image_tokens
 
     budget = fields.get("max_image_size", MAX_IMAGE_SIZE)
     if budget != MAX_IMAGE_SIZE:

@@ -8,8 +8,9 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 ProgressStage = Literal["load", "image", "prompt"]
 

@@ -17,15 +17,23 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
 from pixtral_cpp.aio import stream_in_thread
 from pixtral_cpp.backend import TextModel, TextModelOptions, VisionContext, set_verbose
 from pixtral_cpp.control import CallControl, CancelToken, GenerationCancelled, ProgressCallback
-from pixtral_cpp.conversation import (Image, ImageSlot, Message, PromptPlan, SpecialTokens, Text, build_prompt,
-                                      normalize_messages)
+from pixtral_cpp.conversation import (
+    Image,
+    ImageSlot,
+    Message,
+    PromptPlan,
+    SpecialTokens,
+    Text,
+    build_prompt,
+    normalize_messages,
+)
 from pixtral_cpp.errors import ContextLengthError, PixtralError
 from pixtral_cpp.generate import generate_tokens
 from pixtral_cpp.images import ImageSource, prepare_image
@@ -37,8 +45,8 @@ from pixtral_cpp.system import physical_cores
 
 DEFAULT_PROMPT = "Describe this image in detail."
 
-Messages = Sequence[Union[Message, dict[str, Any]]]
-Piece = tuple[list[Key], Union[tuple[int, ...], np.ndarray]]  # keys of a batch, its tokens or embedding rows
+Messages = Sequence[Message | dict[str, Any]]
+Piece = tuple[list[Key], tuple[int, ...] | np.ndarray]  # keys of a batch, its tokens or embedding rows
 
 
 class ModelBusyError(PixtralError):

@@ -10,13 +10,12 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 
 from pixtral_cpp.backend import ImageEmbedding
 
-Key = Union[int, str]
+Key = int | str
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,7 @@ class ImageRun:
         return [self.key] * self.embedding.n_positions
 
 
-Run = Union[TokenRun, ImageRun]
+Run = TokenRun | ImageRun
 
 
 def image_key(pixels: np.ndarray) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 FinishReason = Literal["stop", "length", "stop_string", "cancelled"]
 
@@ -46,7 +46,7 @@ class GenerationStats:
         return data
 
 
-Chunk = Union[TextChunk, GenerationStats]
+Chunk = TextChunk | GenerationStats
 
 
 @dataclass(frozen=True)

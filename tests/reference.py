@@ -7,8 +7,8 @@ rows of ``cols`` [IMG] tokens each followed by [IMG_BREAK], the last row by [IMG
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ PATCH = 16
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
-Segment = Union[Sequence[int], np.ndarray]
+Segment = Sequence[int] | np.ndarray
 
 
 def load_reference(hf_dir: Path):  # -> LlavaForConditionalGeneration
@@ -74,7 +74,7 @@ def reference_logits(
     height = max(h for h, _ in sizes)
     width = max(w for _, w in sizes)
     batch = torch.zeros(len(sizes), 3, height, width)
-    for i, (pixels, (h, w)) in enumerate(zip(pixel_values_list, sizes)):
+    for i, (pixels, (h, w)) in enumerate(zip(pixel_values_list, sizes, strict=True)):
         batch[i, :, :h, :w] = pixels[0]
     out = model(input_ids=ids, pixel_values=batch, image_sizes=torch.tensor(sizes))
     return out.logits[0, -1].float().numpy()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,10 +18,7 @@ from pixtral_cpp.backend import (
     set_verbose,
 )
 from pixtral_cpp.errors import BackendError, ImageError, ModelError, QuantizationError
-
 from tests import reference as ref
-
-
 
 PROMPT = "[INST]Describe the picture in one word.[/INST]"
 EXACT = TextModelOptions(n_ctx=4608, n_batch=512, n_threads=2, kv_cache_type="f32", flash_attn="off")

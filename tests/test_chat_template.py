@@ -18,7 +18,14 @@ from pixtral_cpp.convert.tokenizer import load_tekken
 
 from pixtral_cpp.synthetic.tekken import real_tekken_path, write_vocab_gguf
 from tests.mistral_reference import (
-    BOS, CONVERSATIONS, IMG_END, PATCH, Conversation, Part, mistral_request, with_image_layouts,
+    BOS,
+    CONVERSATIONS,
+    IMG_END,
+    PATCH,
+    Conversation,
+    Part,
+    mistral_request,
+    with_image_layouts,
 )
 
 

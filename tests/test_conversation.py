@@ -15,14 +15,29 @@ from PIL import Image as PILImage
 
 from pixtral_cpp.backend.text import TextModel, TextModelOptions
 from pixtral_cpp.conversation import (
-    Image, ImageSlot, Message, PromptPlan, SpecialTokens, Text, build_prompt, common_prefix,
-    normalize_messages, resolve_image_source,
+    Image,
+    ImageSlot,
+    Message,
+    PromptPlan,
+    SpecialTokens,
+    Text,
+    build_prompt,
+    common_prefix,
+    normalize_messages,
+    resolve_image_source,
 )
 from pixtral_cpp.errors import ConversationError, ImageError, PixtralError
 from pixtral_cpp.images import pixtral_geometry
 from pixtral_cpp.synthetic.tekken import real_tekken_path
 from tests.mistral_reference import (
-    CONVERSATIONS, SQUAT, TALL, WIDE, Conversation, mistral_request, picture, with_image_layouts,
+    CONVERSATIONS,
+    SQUAT,
+    TALL,
+    WIDE,
+    Conversation,
+    mistral_request,
+    picture,
+    with_image_layouts,
 )
 
 # Cases beyond the template's (tests/mistral_reference.py), some of which a Jinja template cannot get right.
@@ -109,7 +124,7 @@ def assert_well_formed(plan: PromptPlan, specials: SpecialTokens) -> None:
     items = plan.items
     assert isinstance(items[0], tuple) and items[0][:2] == (specials.bos, specials.inst)
     assert isinstance(items[-1], tuple) and items[-1][-1] == specials.inst_end
-    for before, after in zip(items, items[1:]):
+    for before, after in zip(items, items[1:], strict=False):
         assert isinstance(before, ImageSlot) != isinstance(after, ImageSlot)
         if isinstance(before, ImageSlot):
             assert after[0] == specials.img_end  # type: ignore[index]
@@ -130,7 +145,7 @@ def test_plan_matches_mistral_common(name: str, text_model: TextModel, specials:
                 for p in content if not isinstance(p, str)]
     assert [image.source for image in plan.images] == pictures  # each slot gets its own image, in order
     assert plan.n_positions(image_positions(plan)) == len(reference.tokens)
-    for image, pixels in zip(plan.images, reference.images):  # (3, H, W) as mistral-common resized it
+    for image, pixels in zip(plan.images, reference.images, strict=True):  # (3, H, W) as mistral-common resized it
         geometry = pixtral_geometry(image.source.width, image.source.height)
         assert pixels.shape[1:] == (geometry.rows * 16, geometry.cols * 16)
 

@@ -8,11 +8,18 @@ import struct
 from pathlib import Path
 
 import pytest
-
 from pixtral_cpp.convert import ConvertOptions, convert_checkpoint
 from pixtral_cpp.convert.progress import NullProgress
-from pixtral_cpp.errors import (CheckpointError, ConfigError, OutputError, QuantizationError, TensorError,
-                                TokenizerError, UnsupportedCheckpointError)
+
+from pixtral_cpp.errors import (
+    CheckpointError,
+    ConfigError,
+    OutputError,
+    QuantizationError,
+    TensorError,
+    TokenizerError,
+    UnsupportedCheckpointError,
+)
 
 
 @pytest.fixture

@@ -183,7 +183,7 @@ def test_leaving_an_async_stream_early_stops_it_and_frees_the_model(pixtral):
         beat = asyncio.create_task(heartbeat())
         n = 0
         async with contextlib.aclosing(pixtral.astream_describe(picture(10), max_tokens=LONG)) as stream:
-            async for chunk in stream:
+            async for _chunk in stream:
                 n += 1
                 if n == 3:
                     break

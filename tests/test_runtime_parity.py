@@ -9,10 +9,10 @@ import torch
 from PIL import Image as PILImage
 
 from pixtral_cpp.conversation import Image, Message, Text
+from pixtral_cpp.images import prepare_image
 from pixtral_cpp.model import PixtralModel
 from pixtral_cpp.options import ModelOptions
 from pixtral_cpp.synthetic.tekken import real_tekken_path
-from pixtral_cpp.images import prepare_image
 from tests.reference import IMG, IMG_BREAK, IMG_END, load_reference, normalize_pixels
 
 EXACT = ModelOptions(n_ctx=8192, threads=2, kv_cache_type="f32", flash_attn="off")

@@ -20,14 +20,11 @@ from typing import Any
 import httpx
 import jsonschema
 import numpy as np
+import openai
 import pytest
 from PIL import Image
 
 from pixtral_cpp.errors import ImageError
-
-openai = pytest.importorskip("openai")
-pytest.importorskip("starlette")
-
 from pixtral_cpp.server import ServerConfig, UnsafeBindError, check_bind_address
 from pixtral_cpp.server_protocol import RequestError, parse_chat_request
 

@@ -361,14 +361,14 @@ def test_bad_options_are_refused(tmp_path, kwargs, message):
 
 
 def test_tokenizer_json_only_like_the_community_repo(tmp_path):
-    pytest.importorskip("pixtral_cpp.synthetic.tekken")
     out = write_synthetic_checkpoint(tmp_path / "hf", layout="hf", shape="tiny", tokenizer="small",
                                      hf_tokenizer_files=("tokenizer.json",))
     assert (out / "tokenizer.json").is_file() and not (out / "tekken.json").exists()
 
 
 def test_small_tokenizer_sets_the_vocabulary(tmp_path):
-    tekken = pytest.importorskip("pixtral_cpp.synthetic.tekken")
+    from pixtral_cpp.synthetic import tekken
+
     small = tmp_path / "small-tekken.json"
     tekken.write_small_tekken(small)
     vocab = json.loads(small.read_text())["config"]["default_vocab_size"]

@@ -11,10 +11,10 @@ import ctypes
 import functools
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
 
 from pixtral_cpp.errors import BackendError
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pixtral_cpp.backend._native import bindings, is_gguf, last_native_error, log_listener
 from pixtral_cpp.errors import QuantizationError

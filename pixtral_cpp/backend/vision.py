@@ -5,9 +5,10 @@ from __future__ import annotations
 import ctypes
 import os
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any
 
 import gguf
 import numpy as np
@@ -198,7 +199,7 @@ def _field(reader: gguf.GGUFReader, key: str) -> Any:
     return field.contents()
 
 
-Segment = Union[Sequence[int], np.ndarray]
+Segment = Sequence[int] | np.ndarray
 
 
 def prompt_logits(text_model: TextModel, vision: VisionContext | None, segments: Sequence[Segment]) -> np.ndarray:

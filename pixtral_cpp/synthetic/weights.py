@@ -155,9 +155,9 @@ def _encoded_chunks(tensor: PlannedTensor, shape: SyntheticShape, options: _Opti
 def _write_safetensors(path: Path, tensors: list[PlannedTensor], names: list[str],
                        shape: SyntheticShape, options: _Options) -> None:
     dtype = _SAFETENSORS_DTYPE[options.dtype]
-    entries = [TensorEntry(name, dtype, tensor.shape) for name, tensor in zip(names, tensors)]
+    entries = [TensorEntry(name, dtype, tensor.shape) for name, tensor in zip(names, tensors, strict=True)]
     with ThreadPoolExecutor(max_workers=_WORKERS) as pool, SafetensorsStreamWriter(path, entries) as writer:
-        for name, tensor in zip(names, tensors):
+        for name, tensor in zip(names, tensors, strict=True):
             writer.write_tensor(name, _encoded_chunks(tensor, shape, options, pool))
 
 
