@@ -12,7 +12,7 @@ import click
 
 from pixtral_cpp import __version__
 from pixtral_cpp.cli_format import format_pair_info
-from pixtral_cpp.cli_options import load_model, model_options
+from pixtral_cpp.cli_options import ModelArgs, load_model, model_options
 from pixtral_cpp.errors import PixtralError
 
 RAISE_ENV = "PIXTRAL_CPP_RAISE_ERRORS"  # set to 1 to see full tracebacks
@@ -81,8 +81,7 @@ def convert(source: str, output_dir: Path | None, quant: str, mmproj_quant: str,
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the answer and statistics.")
 @click.option("--schema", type=click.File("r"), help="JSON schema file: the answer is JSON that follows it.")
 @click.pass_context
-def describe(ctx: click.Context, images: tuple[str, ...], prompt: str, model: str | None, mmproj: str | None,
-             n_ctx: int, threads: int | None, gpu_layers: int, max_image_size: int, max_tokens: int,
+def describe(ctx: click.Context, images: tuple[str, ...], prompt: str, model_args: ModelArgs, max_tokens: int,
              temperature: float, seed: int | None, as_json: bool, schema: Any) -> None:
     """Answer one question about one or more images, streaming the answer."""
     from pixtral_cpp.options import GenerationOptions
@@ -91,8 +90,7 @@ def describe(ctx: click.Context, images: tuple[str, ...], prompt: str, model: st
     schema_dict = _read_schema(schema) if schema else None
     generation = GenerationOptions(max_tokens=max_tokens, temperature=temperature, seed=seed,
                                    json_schema=schema_dict)
-    with load_model(ctx, model, mmproj, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers,
-               max_image_size=max_image_size) as pixtral:
+    with load_model(ctx, model_args) as pixtral:
         if as_json:
             result = pixtral.describe(list(images), prompt, generation)
             click.echo(json.dumps({"answer": result.text, "stats": result.stats.to_dict()}, ensure_ascii=False))
@@ -121,16 +119,14 @@ def _read_schema(handle: Any) -> dict[str, Any]:
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.3, show_default=True)
 @click.option("--seed", type=int, help="Sampling seed, for repeatable answers.")
 @click.pass_context
-def chat(ctx: click.Context, images: tuple[str, ...], model: str | None, mmproj: str | None, n_ctx: int,
-         threads: int | None, gpu_layers: int, max_image_size: int, system: str | None, max_tokens: int,
+def chat(ctx: click.Context, images: tuple[str, ...], model_args: ModelArgs, system: str | None, max_tokens: int,
          temperature: float, seed: int | None) -> None:
     """Talk about images interactively; IMAGES go with your first message."""
     from pixtral_cpp.cli_chat import run_chat
     from pixtral_cpp.options import GenerationOptions
 
     generation = GenerationOptions(max_tokens=max_tokens, temperature=temperature, seed=seed)
-    with load_model(ctx, model, mmproj, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers,
-               max_image_size=max_image_size) as pixtral:
+    with load_model(ctx, model_args) as pixtral:
         run_chat(pixtral, list(images), generation, system, read_line=lambda: input("> "))
 
 

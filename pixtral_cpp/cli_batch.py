@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pixtral_cpp.cli_options import load_model, model_options
+from pixtral_cpp.cli_options import ModelArgs, load_model, model_options
 from pixtral_cpp.cli_progress import TerminalProgress
 
 
@@ -24,8 +24,7 @@ from pixtral_cpp.cli_progress import TerminalProgress
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def batch(ctx: click.Context, inputs: tuple[str, ...], out: Path, prompt: str, recursive: bool,
-          model: str | None, mmproj: str | None, n_ctx: int, threads: int | None, gpu_layers: int,
-          max_image_size: int, max_tokens: int, temperature: float, seed: int | None, quiet: bool) -> None:
+          model_args: ModelArgs, max_tokens: int, temperature: float, seed: int | None, quiet: bool) -> None:
     """Describe each image of INPUTS (folders, image files) on its own: one JSON line per image.
 
     Unreadable images are recorded with their error and the batch goes on; exit code 0 unless every
@@ -52,8 +51,7 @@ def batch(ctx: click.Context, inputs: tuple[str, ...], out: Path, prompt: str, r
                 progress.end()
 
     # One image at a time: keeping past embeddings for follow-up questions would only use memory.
-    with load_model(ctx, model, mmproj, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers,
-               max_image_size=max_image_size, image_cache_size=1) as pixtral:
+    with load_model(ctx, model_args, image_cache_size=1) as pixtral:
         try:
             summary = run_batch(pixtral, images, out, prompt=prompt, generation=generation,
                                 on_progress=on_progress)

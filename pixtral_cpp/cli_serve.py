@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from pixtral_cpp.cli_options import load_model, model_options
+from pixtral_cpp.cli_options import ModelArgs, load_model, model_options
 
 API_KEY_ENV = "PIXTRAL_CPP_API_KEY"  # so the key need not show in `ps`
 
@@ -39,8 +39,7 @@ API_KEY_ENV = "PIXTRAL_CPP_API_KEY"  # so the key need not show in `ps`
 @click.pass_context
 def serve(ctx: click.Context, host: str, port: int, api_key: str | None, allow_remote: bool,
           allow_image_folder: Path | None, model_id: str, max_body_mb: int, max_image_pixels: int,
-          max_images: int, max_tokens_limit: int, max_queued: int, model: str | None, mmproj: str | None,
-          n_ctx: int, threads: int | None, gpu_layers: int, max_image_size: int) -> None:
+          max_images: int, max_tokens_limit: int, max_queued: int, model_args: ModelArgs) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health)."""
     try:
         from pixtral_cpp.server import ServerConfig, check_bind_address, run_server
@@ -53,8 +52,7 @@ def serve(ctx: click.Context, host: str, port: int, api_key: str | None, allow_r
                           max_queued_requests=max_queued, model_id=model_id)
     check_bind_address(host, config, allow_remote=allow_remote)  # before minutes of loading
     verbose = bool(ctx.find_root().params.get("verbose"))
-    with load_model(ctx, model, mmproj, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers,
-                    max_image_size=max_image_size) as pixtral:
+    with load_model(ctx, model_args) as pixtral:
         click.echo(f"serving {model_id} on http://{host}:{port}/v1", err=True)
         run_server(pixtral, config, host, port, allow_remote=allow_remote,
                    log_level="info" if verbose else "warning")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pixtral_cpp.aio import stream_in_thread
-from pixtral_cpp.backend import TextModel, TextModelOptions, VisionContext, set_verbose
+from pixtral_cpp.backend import TextModel, TextModelOptions, VisionContext, llama_supports_gpu_offload, set_verbose
 from pixtral_cpp.control import CallControl, CancelToken, GenerationCancelled, ProgressCallback
 from pixtral_cpp.conversation import (
     Image,
@@ -39,6 +39,7 @@ from pixtral_cpp.generate import generate_tokens
 from pixtral_cpp.images import ImageSource, prepare_image
 from pixtral_cpp.model_files import ModelFiles, PairInfo, check_pair, find_model_files
 from pixtral_cpp.options import GenerationOptions, ModelOptions
+from pixtral_cpp.placement import Placement, plan_placement
 from pixtral_cpp.prompt_cache import ImageRun, Key, PromptCache, Run, TokenRun, image_key
 from pixtral_cpp.results import Chunk, Completion, FinishReason, GenerationStats, TextChunk
 from pixtral_cpp.system import physical_cores
@@ -64,11 +65,13 @@ class PixtralModel:
         set_verbose(self.options.verbose)
         self.info: PairInfo = check_pair(files)  # before llama.cpp sees a mismatched pair
         threads = self.options.threads or physical_cores()
+        self.placement: Placement = plan_placement(self.options.gpu_layers, self.options.vision_gpu,
+                                                   self.info.text.block_count, llama_supports_gpu_offload())
         control = CallControl(on_progress=on_progress)
         self._text = self._load_text(threads, control)
         try:
-            self._vision = VisionContext(files.mmproj, self._text, threads=threads, use_gpu=self.options.vision_gpu,
-                                         flash_attn=self.options.flash_attn)
+            self._vision = VisionContext(files.mmproj, self._text, threads=threads,
+                                         use_gpu=self.placement.vision_on_gpu, flash_attn=self.options.flash_attn)
             control.report("load", 1.0, 1.0)
         except BaseException:
             self._text.close()  # closes the vision context too
@@ -85,7 +88,8 @@ class PixtralModel:
         share = _text_share(self.files)
         options = self.options
         return TextModel(self.files.text, TextModelOptions(
-            n_ctx=options.n_ctx, n_batch=options.n_batch, n_threads=threads, n_gpu_layers=options.gpu_layers,
+            n_ctx=options.n_ctx, n_batch=options.n_batch, n_threads=threads,
+            n_gpu_layers=self.placement.text_layers_on_gpu,
             use_mmap=options.use_mmap, repack_weights=options.repack_weights,
             kv_cache_type=options.kv_cache_type, flash_attn=options.flash_attn),
             on_progress=(lambda fraction: control.report("load", fraction * share, 1.0))
@@ -200,7 +204,7 @@ class PixtralModel:
         conversation = normalize_messages(messages, allow_local_files=True)
         control = CallControl(on_progress=on_progress)
         with self._session():
-            runs = self._runs(build_prompt(conversation, self._tokenize, self._specials), control, _Tally())
+            runs = self._runs(build_prompt(conversation, self._tokenize, self._specials), control, self._tally())
             self._check_fits(runs)
             return self._evaluate(runs, control)[1]
 
@@ -208,7 +212,7 @@ class PixtralModel:
 
     def _answer(self, conversation: list[Message], options: GenerationOptions, control: CallControl
                 ) -> Iterator[Chunk]:
-        tally = _Tally()
+        tally = self._tally()
         try:
             n_prompt = self._prepare_prompt(conversation, control, tally)
         except GenerationCancelled:
@@ -298,6 +302,10 @@ class PixtralModel:
             control.report("prompt", done, total)
         return keep, logits
 
+    def _tally(self) -> _Tally:
+        return _Tally(text_layers_on_gpu=self.placement.text_layers_on_gpu,
+                      vision_on_gpu=self.placement.vision_on_gpu)
+
     def _decode_piece(self, keys: list[Key], payload: tuple[int, ...] | np.ndarray, logits: np.ndarray
                       ) -> np.ndarray:
         """Append one batch to the KV cache; the logits of its last token (`logits` for embeddings)."""
@@ -324,6 +332,8 @@ class _Tally:
     images_encoded: int = 0
     image_encode_seconds: float = 0.0
     prompt_seconds: float = 0.0
+    text_layers_on_gpu: int = 0
+    vision_on_gpu: bool = False
 
     def stats(self, generated: int, generation_seconds: float, finish_reason: FinishReason
               ) -> GenerationStats:
@@ -332,7 +342,8 @@ class _Tally:
             image_tokens=self.image_tokens,
             images_encoded=self.images_encoded, image_encode_seconds=self.image_encode_seconds,
             prompt_seconds=self.prompt_seconds, generated_tokens=generated,
-            generation_seconds=generation_seconds, finish_reason=finish_reason)
+            generation_seconds=generation_seconds, finish_reason=finish_reason,
+            text_layers_on_gpu=self.text_layers_on_gpu, vision_on_gpu=self.vision_on_gpu)
 
 
 def _pieces(runs: list[Run], keep: int, n_batch: int) -> list[Piece]:

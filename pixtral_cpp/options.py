@@ -19,7 +19,7 @@ class ModelOptions:
     n_ctx: int = DEFAULT_CONTEXT
     threads: int | None = None  # None: physical cores
     gpu_layers: int = 0  # text layers offloaded to Metal/CUDA (-1: all)
-    vision_gpu: bool = False  # run the vision encoder on the GPU too
+    vision_gpu: bool | None = None  # the vision encoder on the GPU; None: when text layers are offloaded
     max_image_size: int = MAX_IMAGE_SIZE  # longest image edge in px; smaller is faster, fewer tokens
     seed: int | None = None  # default sampling seed; None: random
     use_mmap: bool = True

@@ -29,6 +29,8 @@ class GenerationStats:
     generated_tokens: int
     generation_seconds: float
     finish_reason: FinishReason
+    text_layers_on_gpu: int = 0  # where it ran (see PixtralModel.placement)
+    vision_on_gpu: bool = False
 
     @property
     def prompt_tokens_per_second(self) -> float:

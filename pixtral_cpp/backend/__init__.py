@@ -6,7 +6,7 @@ Everything here speaks numpy and pixtral-cpp's own types; C resources are owned 
 
 from __future__ import annotations
 
-from pixtral_cpp.backend._native import set_verbose
+from pixtral_cpp.backend._native import llama_supports_gpu_offload, set_verbose
 from pixtral_cpp.backend.detok import IncrementalDecoder
 from pixtral_cpp.backend.quantize import LLAMA_FTYPES, quantize_gguf
 from pixtral_cpp.backend.sampling import (
@@ -31,6 +31,7 @@ __all__ = [
     "TextModelOptions",
     "VisionContext",
     "json_schema_grammar",
+    "llama_supports_gpu_offload",
     "prompt_logits",
     "quantize_gguf",
     "set_verbose",
