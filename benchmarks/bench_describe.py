@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_convert import ensure_checkpoint
+from PIL import Image
 from pixtral_cpp.convert import ConvertOptions, convert_checkpoint
 
 
@@ -31,12 +32,14 @@ def ensure_model(work: Path, shape: str, quant: str) -> Path:
     return text
 
 
-def run_one(model: Path, budget: int, threads: int, max_tokens: int) -> dict[str, float]:
+def run_one(model: Path, budget: int, threads: int, max_tokens: int, image_path: Path | None = None
+            ) -> dict[str, float]:
     """One measurement in this process (called in a fresh subprocess by the driver)."""
     from pixtral_cpp.model import PixtralModel
     from pixtral_cpp.options import ModelOptions
 
-    image = np.random.default_rng(0).integers(0, 256, (768, 1024, 3), dtype=np.uint8)  # a 1024x768 photo
+    image = (np.asarray(Image.open(image_path).convert("RGB")) if image_path else
+             np.random.default_rng(0).integers(0, 256, (768, 1024, 3), dtype=np.uint8))  # a 1024x768 photo
     started = time.monotonic()
     with PixtralModel.load(model, options=ModelOptions(max_image_size=budget, threads=threads)) as pixtral:
         load = time.monotonic() - started

@@ -35,7 +35,7 @@ from pixtral_cpp.convert.source import (
 from pixtral_cpp.convert.tensor_map import Target
 from pixtral_cpp.convert.writer import write_gguf
 
-from pixtral_cpp.errors import CheckpointError, QuantizationError
+from pixtral_cpp.errors import CheckpointError
 from pixtral_cpp.paths import default_models_dir
 
 # Intermediate type for llama.cpp's quantizer: lossless for the checkpoint's own precision.
@@ -162,17 +162,29 @@ def convert_checkpoint(options: ConvertOptions, progress: Progress | None = None
         prepare_output_dir(plan.text_path.parent)
         refuse_existing([plan.text_path, plan.mmproj_path], options.force)
         check_free_space(plan.text_path.parent, plan.disk_needed)
-        _write_mmproj(checkpoint, mmproj_plan, plan, progress)
-        _write_text(checkpoint, text_plan, plan, stage_type, options, progress)
+        # The pair is published together: the finished mmproj waits under its partial name until the
+        # text model is in place, so a failed run never leaves a new mmproj beside an old text model.
+        mmproj_partial = partial_path(plan.mmproj_path)
+        with temporary_files(mmproj_partial):
+            _write_mmproj(checkpoint, mmproj_plan, plan, mmproj_partial, progress)
+            _write_text(checkpoint, text_plan, plan, stage_type, options, progress)
+            publish(mmproj_partial, plan.mmproj_path)
     return ConvertResult(plan.text_path, plan.mmproj_path, plan, time.monotonic() - started)
 
 
-def _write_mmproj(checkpoint: Checkpoint, tensors: list[PlannedTensor], plan: ConversionPlan,
+def _write_mmproj(checkpoint: Checkpoint, tensors: list[PlannedTensor], plan: ConversionPlan, path: Path,
                   progress: Progress) -> None:
     assert plan.mmproj_quant.direct is not None
     writer = gguf.GGUFWriter(None, MMPROJ_ARCH)
     add_mmproj_metadata(writer, checkpoint.config, checkpoint.info, plan.mmproj_quant.direct)
-    _stream(writer, checkpoint, tensors, plan.mmproj_path, "mmproj", progress)
+    _write_file(writer, path, checkpoint, tensors, "mmproj", progress)
+
+
+def _write_file(writer: gguf.GGUFWriter, path: Path, checkpoint: Checkpoint, tensors: list[PlannedTensor],
+                label: str, progress: Progress) -> None:
+    progress.begin(label, file_bytes(tensors))
+    write_gguf(writer, str(path), checkpoint, tensors, progress.advance)
+    progress.end()
 
 
 def _write_text(checkpoint: Checkpoint, tensors: list[PlannedTensor], plan: ConversionPlan, stage_type: Q,
@@ -180,27 +192,18 @@ def _write_text(checkpoint: Checkpoint, tensors: list[PlannedTensor], plan: Conv
     writer = gguf.GGUFWriter(None, TEXT_ARCH)
     add_text_metadata(writer, checkpoint.config, checkpoint.vocab, checkpoint.info, stage_type)
     if not plan.text_quant.needs_llama_quantizer:
-        _stream(writer, checkpoint, tensors, plan.text_path, "text model", progress)
+        partial = partial_path(plan.text_path)
+        with temporary_files(partial):
+            _write_file(writer, partial, checkpoint, tensors, "text model", progress)
+            publish(partial, plan.text_path)
         return
     # llama.cpp's quantizer reads a GGUF: stage a lossless one beside the output, then quantize it.
     staged = partial_path(plan.text_path, f".{stage_type.name}-intermediate")
     quantized = partial_path(plan.text_path)
     with temporary_files(staged, quantized):
-        progress.begin(f"text model ({stage_type.name}, intermediate)", file_bytes(tensors))
-        write_gguf(writer, str(staged), checkpoint, tensors, progress.advance)
-        progress.end()
+        _write_file(writer, staged, checkpoint, tensors, f"text model ({stage_type.name}, intermediate)", progress)
         _quantize_in_background(staged, quantized, plan.text_quant, options.threads, len(tensors), progress)
         publish(quantized, plan.text_path)
-
-
-def _stream(writer: gguf.GGUFWriter, checkpoint: Checkpoint, tensors: list[PlannedTensor], final: Path,
-            label: str, progress: Progress) -> None:
-    partial = partial_path(final)
-    with temporary_files(partial):
-        progress.begin(label, file_bytes(tensors))
-        write_gguf(writer, str(partial), checkpoint, tensors, progress.advance)
-        progress.end()
-        publish(partial, final)
 
 
 def _quantize_in_background(src: Path, dst: Path, quant: QuantType, threads: int | None, n_tensors: int,
@@ -208,8 +211,6 @@ def _quantize_in_background(src: Path, dst: Path, quant: QuantType, threads: int
     """Run llama.cpp's quantizer in a worker thread so Ctrl-C stays responsive in the main thread."""
     from pixtral_cpp.backend.quantize import LLAMA_FTYPES, quantize_gguf
 
-    if quant.name not in LLAMA_FTYPES:
-        raise QuantizationError(f"this llama.cpp build does not offer {quant.name}")
     errors: list[BaseException] = []
     done = [0]
 

@@ -5,6 +5,7 @@ The layout is decided from the files present, never from tensor shapes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass, field
@@ -99,13 +100,10 @@ def open_checkpoint(folder: Path, *, context_length: int | None = None, source_u
     vocab = load_vocabulary(folder)
     _check_vocabulary(config, vocab, folder)
     info = ModelInfo(name=_model_name(folder), license=_license(folder), source_url=source_url)
-    opened = {path: SafetensorsFile(path) for path in files}
-    try:
+    with contextlib.ExitStack() as on_error:
+        opened = {path: on_error.enter_context(SafetensorsFile(path)) for path in files}
         tensors = _index_tensors(opened, layout)
-    except CheckpointError:
-        for f in opened.values():
-            f.close()
-        raise
+        on_error.pop_all()  # success: the Checkpoint owns the open files now
     return Checkpoint(folder, layout, config, vocab, info, tensors, opened)
 
 

@@ -85,7 +85,8 @@ class Vocabulary:
 
 @lru_cache(maxsize=1)
 def _byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte→character table: printable bytes stay, the other 68 move to U+0100 upwards."""
+    """GPT-2's reversible byte→character table: printable bytes stay, the other 68 move to U+0100 upwards
+    (the rule as pixtral-gguf-facts.md §5.2 states it; llama.cpp's BPE decoder inverts it)."""
     kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
     table = {byte: chr(byte) for byte in kept}
     shifted = (byte for byte in range(256) if byte not in table)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Generator
 from dataclasses import dataclass
 
-from pixtral_cpp.backend import IncrementalDecoder, Sampler, SamplingOptions, TextModel, json_schema_grammar
+from pixtral_cpp.backend import IncrementalDecoder, Sampler, TextModel
 from pixtral_cpp.control import CancelToken
 from pixtral_cpp.options import GenerationOptions
 from pixtral_cpp.prompt_cache import PromptCache
@@ -33,8 +33,7 @@ class _StopStrings:
             if at >= 0:
                 self.hit, out, self.pending = True, self.pending[:at], ""
                 return out
-        keep = max((n for stop in self.stops for n in range(1, len(stop)) if self.pending.endswith(stop[:n])),
-                   default=0)
+        keep = max((self._held_back(stop) for stop in self.stops), default=0)
         out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep:]
         return out
 
@@ -42,18 +41,24 @@ class _StopStrings:
         out, self.pending = self.pending, ""
         return out
 
+    def _held_back(self, stop: str) -> int:
+        """Length of the longest end of the pending text that begins `stop` (longest first, so the
+        usual case, no match at all, costs one pass per length only while lengths remain)."""
+        for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+            if self.pending.endswith(stop[:n]):
+                return n
+        return 0
+
 
 def generate_tokens(text: TextModel, cache: PromptCache, options: GenerationOptions, seed: int | None,
-                    budget: int, cancel: CancelToken | None = None) -> Generator[TextChunk, None, Outcome]:
+                    budget: int, cancel: CancelToken | None = None, grammar: str | None = None
+                    ) -> Generator[TextChunk, None, Outcome]:
     """Generate after an evaluated prompt; every decoded token is recorded in `cache.keys`.
 
     `cancel` is checked before each token: the KV cache then holds exactly the prompt and the tokens
     decoded so far, so the next call reuses it as usual.
     """
-    grammar = json_schema_grammar(options.json_schema) if options.json_schema is not None else None
-    sampling = SamplingOptions(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
-                               repeat_penalty=options.repeat_penalty, seed=seed)
-    sampler = Sampler(text, sampling, grammar=grammar)
+    sampler = Sampler(text, options.sampling(seed), grammar=grammar)
     decoder, stops = IncrementalDecoder(), _StopStrings(options.stop)
     generated, finish = 0, "length"
     try:

@@ -113,7 +113,7 @@ def read_gguf_header(path: Path | str) -> GGUFHeader:
     view = memoryview(mapped)
     try:
         return _parse(view, path, size)
-    except (ValueError, UnicodeDecodeError) as exc:  # unknown enum values, garbage lengths
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # unknown enums, garbage lengths, nesting
         raise ModelError(f"{path}: corrupt GGUF header ({exc})") from None
     finally:
         view.release()
@@ -136,7 +136,11 @@ def _parse(buf: memoryview, path: Path, size: int) -> GGUFHeader:
         name = cur.string()
         ne = tuple(cur.take("<Q") for _ in range(cur.take("<I")))
         entries.append((name, ne, GGMLQuantizationType(cur.take("<I")), cur.take("<Q")))
-    alignment = int(metadata.get("general.alignment", 32))
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise ModelError(f"{path}: general.alignment {alignment!r} is not a power of two")
+    if len({name for name, *_ in entries}) != len(entries):
+        raise ModelError(f"{path}: the same tensor name appears twice")
     data_start = -(-cur.pos // alignment) * alignment
     tensors = {name: GGUFTensor(name, ne, qtype, data_start + off) for name, ne, qtype, off in entries}
     for t in tensors.values():

@@ -269,6 +269,14 @@ def resize_bicubic(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
 
 
+def _keys_kernel(distance: np.ndarray, a: float = -0.75) -> np.ndarray:
+    """Keys' cubic convolution kernel (1981) for distances in [0, 2); a = -0.75 is OpenCV's INTER_CUBIC."""
+    x = np.abs(distance)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1  # |x| <= 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # 1 < |x| < 2
+    return np.where(x <= 1, near, far)
+
+
 def _cubic_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
     """Source indices (dst, 4) and float32 weights (dst, 4) of OpenCV's cubic resize along one axis."""
     scale = 1.0 / (dst / src)  # cv::resize keeps dst/src and inverts it; same double, same floors
@@ -277,10 +285,8 @@ def _cubic_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
     position = (np.arange(dst) + 0.5) * scale - 0.5
     start = np.floor(position)
     t = position - start
-    a = -0.75  # OpenCV's interpolateCubic constant (Keys kernel)
-    w0 = ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a
-    w1 = ((a + 2) * t - (a + 3)) * t * t + 1
-    w2 = ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1
+    # The four taps sit at distances 1+t, t, 1-t and 2-t; the last weight closes the sum to exactly 1.
+    w0, w1, w2 = _keys_kernel(1 + t), _keys_kernel(t), _keys_kernel(1 - t)
     w3 = 1 - w0 - w1 - w2
     index = np.clip(start.astype(np.int64)[:, None] + np.arange(-1, 3), 0, src - 1)
     return index, np.stack([w0, w1, w2, w3], axis=1).astype(np.float32)

@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 
 from pixtral_cpp.aio import stream_in_thread
-from pixtral_cpp.backend import TextModel, TextModelOptions, VisionContext, llama_supports_gpu_offload, set_verbose
+from pixtral_cpp.backend import (
+    TextModel,
+    TextModelOptions,
+    VisionContext,
+    json_schema_grammar,
+    llama_supports_gpu_offload,
+    set_verbose,
+)
 from pixtral_cpp.control import CallControl, CancelToken, GenerationCancelled, ProgressCallback
 from pixtral_cpp.conversation import (
     Image,
@@ -213,6 +220,8 @@ class PixtralModel:
     def _answer(self, conversation: list[Message], options: GenerationOptions, control: CallControl
                 ) -> Iterator[Chunk]:
         tally = self._tally()
+        # A schema the converter cannot express fails here, before minutes of image prefill.
+        grammar = json_schema_grammar(options.json_schema) if options.json_schema is not None else None
         try:
             n_prompt = self._prepare_prompt(conversation, control, tally)
         except GenerationCancelled:
@@ -221,7 +230,8 @@ class PixtralModel:
         seed = options.seed if options.seed is not None else self.options.seed
         budget = min(options.max_tokens, self.n_ctx - n_prompt)
         started = time.monotonic()
-        outcome = yield from generate_tokens(self._text, self._cache, options, seed, budget, control.cancel)
+        outcome = yield from generate_tokens(self._text, self._cache, options, seed, budget, control.cancel,
+                                             grammar)
         yield tally.stats(outcome.tokens, time.monotonic() - started, outcome.finish_reason)
 
     def _prepare_prompt(self, conversation: list[Message], control: CallControl, tally: _Tally) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pixtral_cpp.backend.sampling import SamplingOptions
 from pixtral_cpp.images import MAX_IMAGE_SIZE, check_max_image_size
 
 # One 1024 px image is up to 4160 positions; 8192 holds two with room for text, and costs about
@@ -28,13 +29,16 @@ class ModelOptions:
     flash_attn: Literal["auto", "on", "off"] = "off"
     kv_cache_type: Literal["f16", "f32"] = "f16"
     n_batch: int = 512
-    image_cache_size: int = 16  # encoded images kept for follow-up questions
+    # Encoded images kept for follow-up questions: up to 85 MB each at 12B (4159 x 5120 float32).
+    image_cache_size: int = 4
     verbose: bool = False  # llama.cpp's own logging
 
     def __post_init__(self) -> None:
         check_max_image_size(self.max_image_size)
         if self.n_ctx < 256:
             raise ValueError(f"n_ctx must be at least 256, got {self.n_ctx}")
+        if self.image_cache_size < 0:
+            raise ValueError(f"image_cache_size must be 0 or more, got {self.image_cache_size}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be positive, got {self.threads}")
 
@@ -57,3 +61,10 @@ class GenerationOptions:
             raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
         if isinstance(self.stop, str):  # a lone string would be iterated character by character
             object.__setattr__(self, "stop", (self.stop,))
+        self.sampling(self.seed)  # refuse bad values now, not after minutes of image prefill
+
+    def sampling(self, default_seed: int | None) -> SamplingOptions:
+        """The sampler settings of this generation (the model's seed when none is given here)."""
+        return SamplingOptions(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                               repeat_penalty=self.repeat_penalty,
+                               seed=self.seed if self.seed is not None else default_seed)

@@ -24,6 +24,8 @@ from pixtral_cpp.images import load_image
 from pixtral_cpp.options import GenerationOptions
 from pixtral_cpp.results import GenerationStats
 
+MAX_STOP_LENGTH = 256
+MAX_SCHEMA_BOUND = 4096  # as many as max_tokens could ever fill
 MAX_STOP_STRINGS = 4  # OpenAI's limit for `stop`
 
 
@@ -49,6 +51,8 @@ class ServerConfig:
                 raise ValueError(f"ServerConfig.{name} must be a positive integer, got {value!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("ServerConfig.api_key must not be empty; use None for no key")
+        if self.api_key is not None:  # a key read from an env file often ends in a newline
+            object.__setattr__(self, "api_key", self.api_key.strip())
         if self.allowed_image_folder is not None:
             folder = Path(self.allowed_image_folder).expanduser().resolve()
             if not folder.is_dir():
@@ -169,7 +173,28 @@ def _stop(value: Any) -> tuple[str, ...]:
         raise RequestError(400, "stop must be a string or a list of strings", param="stop")
     if len(stops) > MAX_STOP_STRINGS:
         raise RequestError(400, f"stop holds {len(stops)} strings; at most {MAX_STOP_STRINGS}", param="stop")
+    if any(len(s) > MAX_STOP_LENGTH for s in stops):
+        raise RequestError(400, f"stop strings may be at most {MAX_STOP_LENGTH} characters long", param="stop")
     return tuple(stops)
+
+
+_SCHEMA_BOUNDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+
+
+def _check_schema_bounds(schema: Any, depth: int = 0) -> None:
+    """Refuse length bounds the grammar converter would spell out one repetition at a time: a
+    `maxLength` of 10^9 is a tiny request and an 8 GB grammar."""
+    if depth > 64:
+        raise RequestError(400, "the JSON schema is nested too deeply", param="response_format")
+    if isinstance(schema, dict):
+        for key, value in schema.items():
+            if key in _SCHEMA_BOUNDS and isinstance(value, int) and value > MAX_SCHEMA_BOUND:
+                raise RequestError(400, f"JSON schema {key} {value} is over the limit of {MAX_SCHEMA_BOUND}",
+                                   param="response_format")
+            _check_schema_bounds(value, depth + 1)
+    elif isinstance(schema, list):
+        for item in schema:
+            _check_schema_bounds(item, depth + 1)
 
 
 def _json_schema(response_format: Any) -> dict[str, Any] | None:
@@ -191,6 +216,7 @@ def _json_schema(response_format: Any) -> dict[str, Any] | None:
         raise RequestError(400, "response_format must be {'type': 'text'}, {'type': 'json_object'} or "
                            "{'type': 'json_schema', 'json_schema': {'schema': {...}}}",
                            param="response_format")
+    _check_schema_bounds(schema)
     try:
         json_schema_grammar(schema)
     except SamplingError as error:

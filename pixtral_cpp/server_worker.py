@@ -17,6 +17,7 @@ import threading
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
+from pixtral_cpp.control import CancelToken
 from pixtral_cpp.conversation import Message
 from pixtral_cpp.errors import PixtralError
 from pixtral_cpp.options import GenerationOptions
@@ -39,15 +40,17 @@ class Job:
         self.messages, self.options = messages, options
         self._loop = loop
         self._items: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
-        self._cancelled = threading.Event()
+        # The model checks it between images, prompt batches and tokens: a client that leaves during a
+        # long prefill frees the worker too, not only one that leaves during generation.
+        self.token = CancelToken()
 
     @property
     def cancelled(self) -> bool:
-        return self._cancelled.is_set()
+        return self.token.cancelled
 
     def cancel(self) -> None:
-        """Ask the worker to stop this job at the next chunk (or skip it if it has not started)."""
-        self._cancelled.set()
+        """Stop this job at the model's next check (or skip it if it has not started)."""
+        self.token.cancel()
 
     def deliver(self, item: Chunk | BaseException) -> None:
         """From the worker thread: hand an item to the event loop."""
@@ -148,7 +151,7 @@ class GenerationWorker:
         if job.cancelled:  # its client left while it waited: never touch the model for it
             self.cancelled += 1
             return
-        stream = self._model.stream_chat(job.messages, job.options)
+        stream = self._model.stream_chat(job.messages, job.options, cancel=job.token)
         try:
             for chunk in stream:
                 if job.cancelled:

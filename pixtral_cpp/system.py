@@ -23,4 +23,4 @@ def physical_cores() -> int:
             return min(len(pairs), len(os.sched_getaffinity(0)))
     except OSError:
         pass
-    return os.cpu_count() or 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -201,10 +201,8 @@ def test_interrupted_conversion_leaves_nothing_that_looks_finished(tiny_native, 
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         convert_checkpoint(ConvertOptions(source=tiny_native, output_dir=out, quant=quant), _InterruptAfter(stage))
-    leftovers = [p.name for p in out.iterdir()]
-    # the mmproj is written first and is complete on its own; nothing partial may remain
-    assert all(name.startswith("mmproj-") and name.endswith(".gguf") for name in leftovers), leftovers
-    assert not any(".partial" in name or "intermediate" in name for name in leftovers)
+    # the pair is published together: an interrupted run leaves neither file, nor anything partial
+    assert list(out.iterdir()) == []
 
 
 def test_not_enough_disk_space(tiny_native, tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -211,11 +212,15 @@ def _random_seed() -> int:
     return int.from_bytes(os.urandom(4), "little") % _DEFAULT_SEED
 
 
+_STDERR_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _stderr_captured() -> Iterator[list[str]]:
     """Collect what C code writes to file descriptor 2 meanwhile: llama.cpp's grammar parser reports
     syntax errors with fprintf(stderr) rather than through its log callback."""
     printed: list[str] = []
+    _STDERR_LOCK.acquire()  # fd 2 is process-wide: two builds at once would restore the wrong one
     sys.stderr.flush()
     saved = os.dup(2)
     try:
@@ -231,6 +236,7 @@ def _stderr_captured() -> Iterator[list[str]]:
                     printed.append(text)
     finally:
         os.close(saved)
+        _STDERR_LOCK.release()
 
 
 def _grammar_reason(messages: list[str]) -> str:

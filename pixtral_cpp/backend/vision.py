@@ -145,7 +145,7 @@ class VisionContext:
         height, width, _ = data.shape
         bitmap = mtmd.mtmd_bitmap_init(width, height, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
         if not bitmap:
-            raise ImageError(f"libmtmd could not create a {width}x{height} bitmap")
+            raise BackendError(f"libmtmd could not create a {width}x{height} bitmap")
         chunks = mtmd.mtmd_input_chunks_init()
         try:
             chunk = self._image_chunk(chunks, bitmap)
@@ -153,6 +153,8 @@ class VisionContext:
             if mtmd.mtmd_encode_chunk(self._ctx, chunk) != 0:
                 raise BackendError(f"libmtmd could not encode the image: {last_native_error()}")
             out = mtmd.mtmd_get_output_embd(self._ctx)
+            if not out:
+                raise BackendError("libmtmd returned no image embeddings")
             shape = (n_tokens, self.text_model.n_embd)
             return np.ctypeslib.as_array(out, shape=shape).copy()  # the buffer is reused by the next encode
         finally:
@@ -167,7 +169,7 @@ class VisionContext:
         bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
         status = mtmd.mtmd_tokenize(self._ctx, chunks, ctypes.byref(text), bitmaps, 1)
         if status != 0:
-            raise ImageError(f"libmtmd could not preprocess the image (status {status}): {last_native_error()}")
+            raise BackendError(f"libmtmd could not preprocess the image (status {status}): {last_native_error()}")
         for i in range(mtmd.mtmd_input_chunks_size(chunks)):
             chunk = mtmd.mtmd_input_chunks_get(chunks, i)
             if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
