@@ -246,7 +246,6 @@ class ImageSlot:
 
 
 PromptItem = tuple[int, ...] | ImageSlot
-PromptKey = int | tuple[str, int]  # a token id, or (image key, position within the image)
 
 
 @dataclass(frozen=True)
@@ -257,44 +256,11 @@ class PromptPlan:
     images: tuple[Image, ...]
 
     def n_positions(self, image_positions: Sequence[int]) -> int:
-        """Context positions the prompt takes, given each image's positions as in `keys`."""
+        """Context positions the prompt takes, given each image's embedding positions ([IMG_END] excluded)."""
         if len(image_positions) != len(self.images):
             raise ValueError(f"need a position count for each of the {len(self.images)} images")
         return sum(image_positions[item.index] if isinstance(item, ImageSlot) else len(item)
                    for item in self.items)
-
-    def keys(self, image_keys: Sequence[str], image_positions: Sequence[int]) -> list[PromptKey]:
-        """One key per context position, to compare a prompt with what a KV cache already holds.
-
-        A token is its id; position j of image i is (image_keys[i], j), where image_keys[i]
-        identifies the image's content (e.g. a hash of its prepared pixels) and image_positions[i] is
-        the number of positions of its embeddings, [IMG_END] excluded: rows * (cols + 1) - 1, as
-        backend.vision.ImageEmbedding.n_positions. Two prompts agree on a position iff the keys are equal.
-        """
-        if len(image_keys) != len(self.images) or len(image_positions) != len(self.images):
-            raise ValueError(f"need a key and a position count for each of the {len(self.images)} images")
-        keys: list[PromptKey] = []
-        for item in self.items:
-            if isinstance(item, ImageSlot):
-                keys.extend((image_keys[item.index], j) for j in range(image_positions[item.index]))
-            else:
-                keys.extend(item)
-        return keys
-
-
-def common_prefix(cached: Sequence[PromptKey], wanted: Sequence[PromptKey]) -> int:
-    """Positions of `wanted` a cache holding `cached` can keep.
-
-    Stops at the first difference, moved back to the start of an image it falls inside (an image is
-    decoded whole), and leaves at least the last position to evaluate, whose logits are needed.
-    """
-    limit = min(len(cached), len(wanted) - 1)
-    n = 0
-    while n < limit and cached[n] == wanted[n]:
-        n += 1
-    if n < len(wanted) and isinstance(wanted[n], tuple):
-        n -= wanted[n][1]  # type: ignore[index]
-    return max(n, 0)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ from pixtral_cpp.conversation import (
     SpecialTokens,
     Text,
     build_prompt,
-    common_prefix,
     normalize_messages,
     resolve_image_source,
 )
@@ -174,38 +173,10 @@ def test_message_objects_give_the_same_plan(text_model: TextModel, specials: Spe
         plan_for(conversation, text_model, specials).items)
 
 
-# ---------------------------------------------------------------------------------------------------
-# KV-cache keys
-
-
-def test_follow_up_turn_reuses_the_previous_prompt(text_model: TextModel, specials: SpecialTokens) -> None:
-    first: Conversation = [("system", "S"), ("user", [TALL, "What is it?"])]
-    second: Conversation = [*first, ("assistant", "A tall box."), ("user", "Sure?")]
-    plans = [plan_for(c, text_model, specials) for c in (first, second)]
-    keys = [plan.keys(["tall"], image_positions(plan)) for plan in plans]
-    assert len(keys[1]) == plans[1].n_positions(image_positions(plans[1]))
-    # the system prompt moves to the last user turn, so only "<s>[INST]" survives ...
-    assert common_prefix(keys[0], keys[1]) == 2
-    # ... but without one the whole first prompt is reused
-    plans = [plan_for(c[1:], text_model, specials) for c in (first, second)]
-    keys = [plan.keys(["tall"], image_positions(plan)) for plan in plans]
-    assert common_prefix(keys[0], keys[1]) == len(keys[0])
-    assert keys[1][2:4] == [("tall", 0), ("tall", 1)]
-
-
-def test_common_prefix_never_ends_inside_an_image() -> None:
-    wanted = [1, 3, ("a", 0), ("a", 1), ("a", 2), 13, 5, 4]
-    assert common_prefix(wanted, wanted) == len(wanted) - 1  # the last position is always evaluated
-    assert common_prefix(wanted[:4], wanted) == 2  # half an image cached: decode it again
-    assert common_prefix([1, 3, ("b", 0), ("b", 1), ("b", 2)], wanted) == 2  # another image
-    assert common_prefix([1, 3, ("a", 0), ("a", 1), ("a", 2), 13, 6], wanted) == 6
-    assert common_prefix([], wanted) == 0 and common_prefix(wanted, []) == 0
-
-
-def test_keys_need_one_entry_per_image(text_model: TextModel, specials: SpecialTokens) -> None:
+def test_positions_need_one_count_per_image(text_model: TextModel, specials: SpecialTokens) -> None:
     plan = plan_for([("user", [TALL, WIDE])], text_model, specials)
     with pytest.raises(ValueError, match="2 images"):
-        plan.keys(["only one"], [5])
+        plan.n_positions([5])
 
 
 # ---------------------------------------------------------------------------------------------------
