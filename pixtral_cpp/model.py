@@ -47,7 +47,7 @@ from pixtral_cpp.images import ImageSource, prepare_image
 from pixtral_cpp.model_files import ModelFiles, PairInfo, check_pair, find_model_files
 from pixtral_cpp.options import GenerationOptions, ModelOptions
 from pixtral_cpp.placement import Placement, plan_placement
-from pixtral_cpp.prompt_cache import ImageRun, Key, PromptCache, Run, TokenRun, image_key
+from pixtral_cpp.prompt_cache import ImageRun, Key, PromptCache, Run, TokenRun, image_key, source_fingerprint
 from pixtral_cpp.results import Chunk, Completion, FinishReason, GenerationStats, TextChunk
 from pixtral_cpp.system import physical_cores
 
@@ -281,8 +281,13 @@ class PixtralModel:
         return runs
 
     def _image_run(self, source: ImageSource, tally: _Tally) -> ImageRun:
-        prepared = prepare_image(source, max_image_size=self.options.max_image_size)
+        budget, fingerprint = self.options.max_image_size, source_fingerprint(source)
+        known = self._cache.known_source(fingerprint, budget)
+        if known is not None:  # a follow-up about the same file, bytes or array: not even decoded again
+            return ImageRun(*known)
+        prepared = prepare_image(source, max_image_size=budget)
         key = image_key(prepared.pixels)
+        self._cache.remember_source(fingerprint, budget, key)
         embedding = self._cache.embedding(key)
         if embedding is None:
             embedding = self._vision.encode_rgb(prepared.pixels)  # checks every value is finite

@@ -8,8 +8,10 @@ are kept by hash so a question about the same image does not run the vision enco
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -38,6 +40,24 @@ class ImageRun:
 Run = TokenRun | ImageRun
 
 
+def source_fingerprint(source: object) -> str | None:
+    """A cheap identity for an image source, so a follow-up skips decoding and resizing it again:
+    a file by path, modification time and size; bytes and arrays by a hash of their content."""
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            path = Path(source).resolve()
+            stat = path.stat()
+        except OSError:
+            return None  # let preparation report the problem
+        return f"path:{path}:{stat.st_mtime_ns}:{stat.st_size}"
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "bytes:" + hashlib.blake2b(source, digest_size=16).hexdigest()
+    if isinstance(source, np.ndarray):
+        digest = hashlib.blake2b(np.ascontiguousarray(source).tobytes(), digest_size=16).hexdigest()
+        return f"array:{source.shape}:{source.dtype}:{digest}"
+    return None  # PIL images and the like: prepared every time
+
+
 def image_key(pixels: np.ndarray) -> str:
     """Content hash of the prepared pixels (the exact input of the encoder)."""
     digest = hashlib.blake2b(pixels.tobytes(), digest_size=16)
@@ -51,6 +71,7 @@ class PromptCache:
     def __init__(self, image_capacity: int) -> None:
         self.keys: list[Key] = []
         self._images: OrderedDict[str, ImageEmbedding] = OrderedDict()
+        self._sources: OrderedDict[tuple[str, int], str] = OrderedDict()  # (fingerprint, budget) -> image key
         self._capacity = image_capacity
 
     def embedding(self, key: str) -> ImageEmbedding | None:
@@ -58,6 +79,18 @@ class PromptCache:
         if found is not None:
             self._images.move_to_end(key)
         return found
+
+    def known_source(self, fingerprint: str | None, budget: int) -> tuple[str, ImageEmbedding] | None:
+        """The key and embedding of a source seen before at this image budget, if still cached."""
+        key = self._sources.get((fingerprint, budget)) if fingerprint else None
+        embedding = self.embedding(key) if key else None
+        return (key, embedding) if key and embedding is not None else None
+
+    def remember_source(self, fingerprint: str | None, budget: int, key: str) -> None:
+        if fingerprint:
+            self._sources[(fingerprint, budget)] = key
+            while len(self._sources) > 4 * max(self._capacity, 1):
+                self._sources.popitem(last=False)
 
     def remember(self, key: str, embedding: ImageEmbedding) -> None:
         self._images[key] = embedding

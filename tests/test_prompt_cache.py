@@ -56,3 +56,25 @@ def test_encoded_images_are_evicted_oldest_first():
     for key in "abc":
         cache.remember(key, image(key).embedding)
     assert cache.embedding("a") is None and cache.embedding("c") is not None
+
+
+def test_source_fingerprints(tmp_path):
+    import os
+
+    from PIL import Image as PILImage
+
+    from pixtral_cpp.prompt_cache import source_fingerprint
+
+    path = tmp_path / "a.png"
+    PILImage.new("RGB", (8, 8), "red").save(path)
+    first = source_fingerprint(path)
+    assert first == source_fingerprint(str(path))
+    PILImage.new("RGB", (8, 8), "blue").save(path)
+    os.utime(path, ns=(1, 1))  # a rewrite with another time: the fingerprint must change
+    assert source_fingerprint(path) != first
+    pixels = np.zeros((4, 4, 3), np.uint8)
+    assert source_fingerprint(pixels) == source_fingerprint(pixels.copy())
+    assert source_fingerprint(pixels) != source_fingerprint(pixels + 1)
+    assert source_fingerprint(b"abc") != source_fingerprint(b"abd")
+    assert source_fingerprint(PILImage.new("RGB", (2, 2))) is None
+    assert source_fingerprint(tmp_path / "missing.png") is None

@@ -158,3 +158,19 @@ def test_stats_are_json_serializable(pixtral):
     stats = pixtral.describe(picture(seed=12), "Describe.", max_tokens=3).stats
     data = json.loads(json.dumps(stats.to_dict()))
     assert data["prompt_tokens"] == stats.prompt_tokens and "generated_tokens_per_second" in data
+
+
+def test_a_changed_file_at_the_same_path_is_encoded_again(pixtral, tmp_path):
+    import os
+
+    from PIL import Image as PILImage
+
+    path = tmp_path / "photo.png"
+    PILImage.fromarray(picture(64, 48, seed=20)).save(path)
+    pixtral.describe(path, "What?", max_tokens=1)
+    encodes = pixtral.images_encoded
+    assert pixtral.describe(path, "And?", max_tokens=1).stats.images_encoded == 0  # same file: reused
+    PILImage.fromarray(picture(64, 48, seed=21)).save(path)
+    os.utime(path, ns=(10**9, 10**9))
+    assert pixtral.describe(path, "Now?", max_tokens=1).stats.images_encoded == 1
+    assert pixtral.images_encoded == encodes + 1
