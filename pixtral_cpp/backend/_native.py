@@ -96,6 +96,14 @@ def bindings() -> tuple[ModuleType, ModuleType]:
     return llama, mtmd
 
 
+def schema_converter() -> Callable[..., str]:
+    """llama-cpp-python's pure-Python JSON-schema-to-GBNF converter (part of the pinned dependency)."""
+    bindings()  # raises BackendError, with what to install, when llama-cpp-python is missing
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    return json_schema_to_gbnf
+
+
 def set_verbose(verbose: bool) -> None:
     """Forward llama.cpp's log output to the ``pixtral_cpp.llama`` logger (True) or drop it (False)."""
     bindings()

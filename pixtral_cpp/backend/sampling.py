@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pixtral_cpp.backend._native import bindings, log_listener
+from pixtral_cpp.backend._native import bindings, log_listener, schema_converter
 from pixtral_cpp.backend.text import TextModel
 from pixtral_cpp.errors import BackendError, PixtralError
 
@@ -267,7 +267,4 @@ def json_schema_grammar(schema: dict[str, Any] | str) -> str:
 
 def _schema_converter() -> Any:
     """llama-cpp-python's pure-Python JSON-schema-to-GBNF converter."""
-    bindings()  # raises BackendError, with what to install, when llama-cpp-python is missing
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-    return json_schema_to_gbnf
+    return schema_converter()
