@@ -49,7 +49,8 @@ def serve(ctx: click.Context, host: str, port: int, api_key: str | None, allow_r
     config = ServerConfig(api_key=api_key or None, allowed_image_folder=allow_image_folder,
                           max_body_bytes=max_body_mb * 1_000_000, max_image_pixels=max_image_pixels,
                           max_tokens_limit=max_tokens_limit, max_images_per_request=max_images,
-                          max_queued_requests=max_queued, model_id=model_id)
+                          max_queued_requests=max_queued, model_id=model_id,
+                          max_image_size=model_args.max_image_size)
     check_bind_address(host, config, allow_remote=allow_remote)  # before minutes of loading
     verbose = bool(ctx.find_root().params.get("verbose"))
     with load_model(ctx, model_args) as pixtral:

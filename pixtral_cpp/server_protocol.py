@@ -15,12 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pixtral_cpp.backend import SamplingError, json_schema_grammar
 from pixtral_cpp.conversation import Image, Message, normalize_messages
 from pixtral_cpp.errors import ContextLengthError, ConversationError, ImageError, PixtralError
-from pixtral_cpp.images import load_image
+from pixtral_cpp.images import MAX_IMAGE_SIZE, check_max_image_size, load_image, prepare_image
 from pixtral_cpp.options import GenerationOptions
 from pixtral_cpp.results import GenerationStats
 
@@ -42,8 +40,12 @@ class ServerConfig:
     max_images_per_request: int = 8  # each image costs up to 4160 context positions
     max_queued_requests: int = 16  # waiting or running; more are refused with 503
     model_id: str = "pixtral-12b"
+    # Images are brought to the model's budget while parsing, so a queued request holds at most
+    # 1024 x 1024 x 3 bytes per image rather than the full upload.
+    max_image_size: int = MAX_IMAGE_SIZE
 
     def __post_init__(self) -> None:
+        check_max_image_size(self.max_image_size)
         for name in ("max_body_bytes", "max_image_pixels", "max_tokens_limit", "default_max_tokens",
                      "max_images_per_request", "max_queued_requests"):
             value = getattr(self, name)
@@ -246,8 +248,10 @@ def _with_decoded_images(number: int, message: Message, config: ServerConfig) ->
             where = f"message {number}: part {index}"
             source = _allowed_source(where, part.source, config)
             try:
-                # An RGB array: EXIF orientation is applied once here, and the model hashes the pixels.
-                part = Image(np.asarray(load_image(source, max_pixels=config.max_image_pixels)))
+                # Prepared here as the model would (EXIF, alpha, budget, grid of 16): the model finds the
+                # array already at its grid size and uses it unchanged.
+                loaded = load_image(source, max_pixels=config.max_image_pixels)
+                part = Image(prepare_image(loaded, max_image_size=config.max_image_size).pixels)
             except ImageError as error:
                 raise ImageError(f"{where}: {error}") from None
         parts.append(part)

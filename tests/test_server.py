@@ -316,7 +316,7 @@ def test_local_paths_are_refused_without_an_allowed_folder(image_folder):
     with pytest.raises(ImageError, match="local image files are not allowed"):
         _parse(messages=messages)
     allowed = _parse(ServerConfig(allowed_image_folder=image_folder), messages=messages)
-    assert allowed.messages[0].parts[0].source.shape == (16, 24, 3)  # decoded before it queues
+    assert allowed.messages[0].parts[0].source.shape == (16, 32, 3)  # prepared (24 px -> 2 patches) before it queues
 
 
 def test_only_loopback_is_served_without_a_key():
@@ -338,3 +338,10 @@ def test_serve_defaults_are_the_config_defaults():
             defaults["max_queued"], defaults["model_id"]) == (
         config.max_image_pixels, config.max_images_per_request, config.max_tokens_limit,
         config.max_queued_requests, config.model_id)
+
+
+def test_queued_images_are_held_at_the_model_budget_not_full_size():
+    config = ServerConfig(max_image_pixels=4000 * 4000, max_image_size=512)
+    request = _parse(config, messages=_image_message(_data_url(_png(2000, 1500))))
+    (image,) = [p for p in request.messages[0].parts if not hasattr(p, "text")]
+    assert image.source.shape == (384, 512, 3)  # 2000x1500 within 512 px: 512x384, already on the grid
