@@ -54,8 +54,14 @@ def model_options(f: Any) -> Any:
 
 
 def check_image_size(ctx: click.Context, param: click.Parameter, value: int) -> int:
-    if value < 16 or value > 1024 or value % 16:
-        raise click.BadParameter("must be a multiple of 16 between 16 and 1024")
+    """The library's own rule, reported as a usage error (exit code 2)."""
+    from pixtral_cpp.errors import ImageError
+    from pixtral_cpp.images import check_max_image_size
+
+    try:
+        check_max_image_size(value)
+    except ImageError as error:
+        raise click.BadParameter(str(error)) from None
     return value
 
 

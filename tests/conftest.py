@@ -58,3 +58,9 @@ def converted(tmp_path_factory: pytest.TempPathFactory, tiny_native: Path):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def pair(converted) -> tuple[Path, Path]:
+    """The tiny model as F16 text + F16 mmproj: what the runtime tests load."""
+    return converted("F16", "F16")

@@ -31,11 +31,6 @@ class CallbackFailed(Exception):
 
 
 @pytest.fixture(scope="module")
-def pair(converted):
-    return converted("F16", "F16")
-
-
-@pytest.fixture(scope="module")
 def pixtral(pair):
     with PixtralModel.load(pair[0], options=OPTIONS) as model:
         yield model

@@ -20,11 +20,6 @@ OPTIONS = ModelOptions(n_ctx=8192, threads=2)
 
 
 @pytest.fixture(scope="module")
-def pair(converted):
-    return converted("F16", "F16")
-
-
-@pytest.fixture(scope="module")
 def pixtral(pair):
     with PixtralModel.load(pair[0], options=OPTIONS) as model:
         yield model
