@@ -17,15 +17,6 @@ TEXT_ARCH = "llama"  # Pixtral's decoder is Mistral-NeMo, which llama.cpp runs a
 MMPROJ_ARCH = "clip"  # the dummy arch llama.cpp's quantizer knows for projectors
 PROJECTOR_TYPE = gguf.VisionProjectorType.PIXTRAL
 
-# llama_ftype for general.file_type; mixes are rewritten by llama.cpp's quantizer itself.
-FILE_TYPES = {
-    gguf.GGMLQuantizationType.F32: gguf.LlamaFileType.ALL_F32,
-    gguf.GGMLQuantizationType.F16: gguf.LlamaFileType.MOSTLY_F16,
-    gguf.GGMLQuantizationType.BF16: gguf.LlamaFileType.MOSTLY_BF16,
-    gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
-}
-
-
 @dataclass(frozen=True)
 class ModelInfo:
     """Descriptive metadata: what the model is called and where it came from."""
@@ -35,20 +26,19 @@ class ModelInfo:
     source_url: str | None = None
 
 
-def _add_general(writer: gguf.GGUFWriter, info: ModelInfo, file_type: gguf.GGMLQuantizationType,
-                 kind: str) -> None:
+def _add_general(writer: gguf.GGUFWriter, info: ModelInfo, file_type: int, kind: str) -> None:
     writer.add_type(kind)
     writer.add_name(info.name)
     if info.license:
         writer.add_license(info.license)
     if info.source_url:
         writer.add_source_url(info.source_url)
-    writer.add_file_type(int(FILE_TYPES[file_type]))
+    writer.add_file_type(file_type)  # llama_ftype
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def add_text_metadata(writer: gguf.GGUFWriter, config: PixtralConfig, vocab: Vocabulary, info: ModelInfo,
-                      file_type: gguf.GGMLQuantizationType) -> None:
+                      file_type: int) -> None:
     """Hyper-parameters, tokenizer and chat template of the text GGUF."""
     text = config.text
     _add_general(writer, info, file_type, gguf.GGUFType.MODEL)
@@ -70,7 +60,7 @@ def add_text_metadata(writer: gguf.GGUFWriter, config: PixtralConfig, vocab: Voc
 
 
 def add_mmproj_metadata(writer: gguf.GGUFWriter, config: PixtralConfig, info: ModelInfo,
-                        file_type: gguf.GGMLQuantizationType) -> None:
+                        file_type: int) -> None:
     """The clip keys mtmd reads for a Pixtral projector."""
     vision = config.vision
     _add_general(writer, info, file_type, gguf.GGUFType.MMPROJ)

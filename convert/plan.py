@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import gguf
 from gguf import GGMLQuantizationType as Q
 from pixtral_cpp.convert import transforms as T
+from pixtral_cpp.convert.config import PixtralConfig
+from pixtral_cpp.convert.quant_mix import Mix, fit_row
 from pixtral_cpp.convert.safetensors_reader import TensorInfo
 from pixtral_cpp.convert.source import HF, Checkpoint
 from pixtral_cpp.convert.tensor_map import SKIPPED_SUFFIXES, Storage, Target, TensorRow, rows_for
@@ -42,19 +44,20 @@ class PlannedTensor:
         return self.num_elements // block * size
 
 
-def plan_file(checkpoint: Checkpoint, target: Target, matrix_type: Q) -> list[PlannedTensor]:
-    """The tensors of one output file, in order, with types chosen per pixtral-gguf-facts.md §3.3."""
+def plan_file(checkpoint: Checkpoint, target: Target, mix: Mix) -> list[PlannedTensor]:
+    """The tensors of one output file, in order, with types chosen per pixtral-gguf-facts.md §3.3 and,
+    for the text model's matrices, by the llama.cpp mix."""
     planned, seen = [], set()
     for row, bid in rows_for(target, checkpoint.config):
         name = row.gguf.format(bid=bid)
         if name in seen:  # the table itself is wrong; fail loudly rather than write a broken file
             raise TensorError(f"internal error: two table rows produce GGUF tensor {name}")
         seen.add(name)
-        planned.append(_plan_row(checkpoint, row, bid, name, matrix_type))
+        planned.append(_plan_row(checkpoint, target, row, bid, name, mix))
     return planned
 
 
-def _plan_row(checkpoint: Checkpoint, row: TensorRow, bid: int | None, name: str, matrix_type: Q
+def _plan_row(checkpoint: Checkpoint, target: Target, row: TensorRow, bid: int | None, name: str, mix: Mix
               ) -> PlannedTensor:
     source_name = (row.hf if checkpoint.layout == HF else row.native).format(bid=bid)
     source = checkpoint.tensors.get(source_name)
@@ -70,7 +73,7 @@ def _plan_row(checkpoint: Checkpoint, row: TensorRow, bid: int | None, name: str
     shape = row.shape(config)
     _check_shape(source, shape, name)
     transform = row.hf_transform if checkpoint.layout == HF else T.identity
-    return PlannedTensor(name, source, shape, _output_type(row.storage, shape, matrix_type), transform)
+    return PlannedTensor(name, source, shape, _output_type(target, row, name, bid, shape, mix, config), transform)
 
 
 def _check_shape(source: TensorInfo, expected: tuple[int, ...], gguf_name: str) -> None:
@@ -79,14 +82,17 @@ def _check_shape(source: TensorInfo, expected: tuple[int, ...], gguf_name: str) 
                           f"expected {list(expected)} from the config (for GGUF {gguf_name})")
 
 
-def _output_type(storage: Storage, shape: tuple[int, ...], matrix_type: Q) -> Q:
-    if storage is Storage.F32 or len(shape) < 2:
+def _output_type(target: Target, row: TensorRow, name: str, bid: int | None, shape: tuple[int, ...], mix: Mix,
+                 config: PixtralConfig) -> Q:
+    if row.storage is Storage.F32 or len(shape) < 2:
         return Q.F32
-    if storage is Storage.PATCH:
-        return Q.F16 if matrix_type == Q.F16 else Q.F32
-    block, _ = gguf.GGML_QUANT_SIZES[matrix_type]
+    if row.storage is Storage.PATCH:
+        return Q.F16 if mix.base == Q.F16 else Q.F32
+    if target is Target.TEXT:
+        text = config.text
+        return mix.tensor_type(name, shape[-1], bid, text.num_layers, text.num_heads // text.num_kv_heads)
     # A row length the block does not divide cannot be quantized; llama.cpp's converter falls back the same way.
-    return matrix_type if shape[-1] % block == 0 else Q.F16
+    return fit_row(mix.base, shape[-1])
 
 
 def check_coverage(checkpoint: Checkpoint, *plans: list[PlannedTensor]) -> None:

@@ -51,6 +51,10 @@ class Checkpoint:
         """A read-only view of a tensor in its storage dtype."""
         return self._files[tensor.file].array(tensor)
 
+    def prefetch(self, tensor: TensorInfo) -> None:
+        """Start reading this tensor from disk in the background."""
+        self._files[tensor.file].prefetch(tensor)
+
     def release(self, tensor: TensorInfo) -> None:
         """Done with this tensor: let its mapped pages leave the resident set."""
         self._files[tensor.file].release(tensor)

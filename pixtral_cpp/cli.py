@@ -49,7 +49,7 @@ def main(verbose: bool) -> None:
 @click.option("--mmproj-quant", default="F16", show_default=True, help="Vision projector type: F32 F16 BF16 Q8_0.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (files, tensors, sizes, disk needed) and stop.")
-@click.option("--threads", type=click.IntRange(min=1), help="Threads for llama.cpp's quantizer.")
+@click.option("--threads", type=click.IntRange(min=1), help="Quantizer threads (default: all cores).")
 @click.option("--context-length", type=click.IntRange(min=1), help="Training context written into the GGUF.")
 @click.option("--revision", help="Hub revision (branch, tag or commit) when SOURCE is a repo id.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")

@@ -11,6 +11,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
 from pixtral_cpp.convert import ConvertOptions, convert_checkpoint, plan_conversion
 from pixtral_cpp.convert.config import parse_config_json
+from pixtral_cpp.gguf_file import read_gguf_header
 
 from pixtral_cpp.synthetic import SHAPES
 from tests.conftest import convert_tiny
@@ -143,7 +144,7 @@ def test_q8_0_is_gguf_py_quantization_of_the_source(converted):
     assert np.abs(back - f32).max() <= np.abs(f32).max() / 127 + 1e-6
 
 
-def test_k_quant_mix_through_llama_quantizer(converted, tmp_path):
+def test_k_quant_mix_in_one_pass(converted, tmp_path):
     text, _ = converted("Q4_K_M")
     reader = read_gguf(text)
     types = {name: t.type for name, t in reader.tensors.items()}
@@ -152,7 +153,7 @@ def test_k_quant_mix_through_llama_quantizer(converted, tmp_path):
     assert types["output.weight"] == Q.Q6_K  # the mix keeps the output layer in Q6_K
     assert types["blk.0.attn_norm.weight"] == Q.F32
     leftovers = [p.name for p in text.parent.iterdir() if p.name not in (text.name, converted("Q4_K_M")[1].name)]
-    assert leftovers == [], "intermediate files must be removed"
+    assert leftovers == [], "no partial files may be left behind"
 
 
 def test_dry_run_plan_writes_nothing(tiny_hf, tmp_path):
@@ -160,11 +161,17 @@ def test_dry_run_plan_writes_nothing(tiny_hf, tmp_path):
     assert plan.layout == "hf"
     assert plan.text_tensors == 3 + TINY.text.layers * 9
     assert plan.mmproj_tensors == 2 + TINY.vision.layers * 9 + 5
-    assert plan.intermediate_bytes > plan.text_bytes > 0
-    assert plan.disk_needed > plan.text_bytes + plan.mmproj_bytes + plan.intermediate_bytes
+    assert plan.disk_needed > plan.text_bytes + plan.mmproj_bytes
     text = plan.describe()
-    assert "Q4_K_M" in text and "disk needed" in text and "intermediate" in text
+    assert "Q4_K_M" in text and "disk needed" in text
     assert not (tmp_path / "out").exists()
+
+
+def test_plan_knows_the_exact_size_of_a_mix(converted, tiny_native, tmp_path):
+    """Types are chosen per tensor before writing, so the plan's size is the file's, not an estimate."""
+    plan = plan_conversion(ConvertOptions(source=tiny_native, output_dir=tmp_path, quant="Q4_K_M"))
+    header = read_gguf_header(converted("Q4_K_M")[0])
+    assert plan.text_bytes == sum(t.nbytes for t in header.tensors.values())
 
 
 def test_output_names_tell_model_kind_and_quant(converted):

@@ -196,7 +196,7 @@ class _InterruptAfter(NullProgress):
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("quant,stage", [("F32", "text model"), ("Q4_K_M", "intermediate"), ("F32", "mmproj")])
+@pytest.mark.parametrize("quant,stage", [("F32", "text model"), ("Q4_K_M", "text model (Q4_K_M)"), ("F32", "mmproj")])
 def test_interrupted_conversion_leaves_nothing_that_looks_finished(tiny_native, tmp_path, quant, stage):
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):

@@ -170,6 +170,19 @@ class NativeDevice:
     memory_free: int
 
 
+def _load_ggml(name: str) -> ctypes.CDLL:
+    llama, _ = bindings()
+    from llama_cpp._ctypes_extensions import load_shared_library
+
+    return load_shared_library(name, llama._base_path)
+
+
+@functools.cache
+def ggml_base_library() -> ctypes.CDLL:
+    """libggml-base, the one libllama uses (tensor types, row quantizers, device accessors)."""
+    return _load_ggml("ggml-base")
+
+
 @functools.cache
 def _ggml_libraries() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     """(libggml, libggml-base) from llama-cpp-python's lib folder, with the device API typed.
@@ -178,11 +191,7 @@ def _ggml_libraries() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     path returns the copies libllama already uses, so this sees the same registry. The registry lives
     in libggml, the device accessors in libggml-base (Windows does not resolve one through the other).
     """
-    llama, _ = bindings()
-    from llama_cpp._ctypes_extensions import load_shared_library
-
-    ggml = load_shared_library("ggml", llama._base_path)
-    base = load_shared_library("ggml-base", llama._base_path)
+    ggml, base = _load_ggml("ggml"), ggml_base_library()
     for lib, name, restype, argtypes in (
         (ggml, "ggml_backend_reg_count", ctypes.c_size_t, []),
         (ggml, "ggml_backend_reg_get", ctypes.c_void_p, [ctypes.c_size_t]),
