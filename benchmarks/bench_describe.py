@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -27,13 +28,13 @@ def ensure_model(work: Path, shape: str, quant: str) -> Path:
     out = work / f"{shape}-{quant}"
     text = out / f"Pixtral-{shape}-{quant}.gguf"
     if not text.is_file():
-        source = ensure_checkpoint(work, shape, "native")
+        source = ensure_checkpoint(work, shape, "hf")  # the checkpoint bench_convert.py measures
         convert_checkpoint(ConvertOptions(source=source, output_dir=out, quant=quant, force=True))
     return text
 
 
-def run_one(model: Path, budget: int, threads: int, max_tokens: int, image_path: Path | None = None
-            ) -> dict[str, float]:
+def run_one(model: Path, budget: int, threads: int, max_tokens: int, image_path: Path | None = None,
+            **model_options: bool) -> dict[str, float]:
     """One measurement in this process (called in a fresh subprocess by the driver)."""
     from pixtral_cpp.model import PixtralModel
     from pixtral_cpp.options import ModelOptions
@@ -41,7 +42,8 @@ def run_one(model: Path, budget: int, threads: int, max_tokens: int, image_path:
     image = (np.asarray(Image.open(image_path).convert("RGB")) if image_path else
              np.random.default_rng(0).integers(0, 256, (768, 1024, 3), dtype=np.uint8))  # a 1024x768 photo
     started = time.monotonic()
-    with PixtralModel.load(model, options=ModelOptions(max_image_size=budget, threads=threads)) as pixtral:
+    options = ModelOptions(max_image_size=budget, threads=threads, **model_options)
+    with PixtralModel.load(model, options=options) as pixtral:
         load = time.monotonic() - started
         first = pixtral.describe(image, "Describe this image.", max_tokens=max_tokens, temperature=0)
         history = [{"role": "user", "content": [{"type": "image", "image": image},
@@ -54,7 +56,8 @@ def run_one(model: Path, budget: int, threads: int, max_tokens: int, image_path:
     s = first.stats
     return {
         "load_s": load, "image_tokens": s.image_tokens, "encode_s": s.image_encode_seconds,
-        "prompt_tok_s": s.prompt_tokens_per_second, "gen_tok_s": s.generated_tokens_per_second,
+        "prompt_s": s.prompt_seconds, "prompt_tok_s": s.prompt_tokens_per_second,
+        "gen_tok_s": s.generated_tokens_per_second,
         "first_token_s": s.image_encode_seconds + s.prompt_seconds,
         "follow_up_first_token_s": follow_first_token, "follow_up_encodes": follow.stats.images_encoded,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
@@ -69,21 +72,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/pixtral-cpp-bench"))
+    parser.add_argument("--runs", type=int, default=1, help="fresh processes per row; medians are printed")
+    parser.add_argument("--repack", action="store_true", help="llama.cpp's repacked weights (default: off)")
+    parser.add_argument("--no-mmap", action="store_true", help="read the model into memory instead of mapping it")
     parser.add_argument("--run-one", nargs=2, metavar=("MODEL", "BUDGET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    flags = ["--threads", str(args.threads), "--max-tokens", str(args.max_tokens)]
+    flags += ["--repack"] * args.repack + ["--no-mmap"] * args.no_mmap
     if args.run_one:
-        print(json.dumps(run_one(Path(args.run_one[0]), int(args.run_one[1]), args.threads, args.max_tokens)))
+        print(json.dumps(run_one(Path(args.run_one[0]), int(args.run_one[1]), args.threads, args.max_tokens,
+                                 repack_weights=args.repack, use_mmap=not args.no_mmap)))
         return
-    columns = ["load_s", "image_tokens", "encode_s", "prompt_tok_s", "gen_tok_s", "first_token_s",
+    columns = ["load_s", "image_tokens", "encode_s", "prompt_s", "prompt_tok_s", "gen_tok_s", "first_token_s",
                "follow_up_first_token_s", "peak_rss_gb"]
     print(f"{'shape':<6} {'budget':>6} " + " ".join(f"{c:>12}" for c in columns) + "  follow-up/first")
     for shape in args.shape or ["tiny"]:
         model = ensure_model(args.work_dir, shape, args.quant)
         for budget in args.budget or [512, 1024]:
-            out = subprocess.run([sys.executable, __file__, "--run-one", str(model), str(budget), "--threads",
-                                  str(args.threads), "--max-tokens", str(args.max_tokens)],
-                                 capture_output=True, text=True, check=True)
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            runs = [json.loads(subprocess.run([sys.executable, __file__, "--run-one", str(model), str(budget), *flags],
+                                              capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+                    for _ in range(args.runs)]
+            r = {c: statistics.median(run[c] for run in runs) for c in columns}
             ratio = r["follow_up_first_token_s"] / r["first_token_s"]
             print(f"{shape:<6} {budget:>6} " + " ".join(f"{r[c]:>12.3f}" for c in columns) + f"  {ratio:.3f}",
                   flush=True)

@@ -93,7 +93,8 @@ def describe(ctx: click.Context, images: tuple[str, ...], prompt: str, model_arg
     with load_model(ctx, model_args) as pixtral:
         if as_json:
             result = pixtral.describe(list(images), prompt, generation)
-            click.echo(json.dumps({"answer": result.text, "stats": result.stats.to_dict()}, ensure_ascii=False))
+            click.echo(json.dumps({"answer": result.text, "stats": result.stats.to_dict(),
+                                   "load_seconds": round(pixtral.load_seconds, 3)}, ensure_ascii=False))
             return
         for chunk in pixtral.stream_describe(list(images), prompt, generation):
             if isinstance(chunk, TextChunk):

@@ -23,6 +23,8 @@ class ModelArgs:
     gpu_layers: int
     vision_gpu: bool | None
     max_image_size: int
+    use_mmap: bool
+    repack_weights: bool | None
 
 
 def model_options(f: Any) -> Any:
@@ -46,6 +48,10 @@ def model_options(f: Any) -> Any:
                      help="Vision encoder on the GPU or the CPU (default: the GPU when text layers are offloaded)."),
         click.option("--max-image-size", type=int, default=1024, show_default=True, callback=check_image_size,
                      help="Longest image edge in px (16..1024, multiple of 16); smaller is faster, less detail."),
+        click.option("--mmap/--no-mmap", "use_mmap", default=True, show_default=True,
+                     help="Map the model file instead of reading it into memory (faster load, shared pages)."),
+        click.option("--repack/--no-repack", "repack_weights", default=None,
+                     help="llama.cpp's repacked CPU weight copy (default: off; see docs/benchmarks.md)."),
     ]
     command = with_model_args
     for decorator in reversed(decorators):
@@ -77,5 +83,6 @@ def load_model(ctx: click.Context, args: ModelArgs, **extra_options: Any) -> Any
                    f"({MAX_IMAGE_SIZE} px: {max_image_tokens(MAX_IMAGE_SIZE)}); less detail, faster", err=True)
     verbose = bool(ctx.find_root().params.get("verbose"))
     options = ModelOptions(n_ctx=args.n_ctx, threads=args.threads, gpu_layers=args.gpu_layers,
-                           vision_gpu=args.vision_gpu, max_image_size=budget, verbose=verbose, **extra_options)
+                           vision_gpu=args.vision_gpu, max_image_size=budget, use_mmap=args.use_mmap,
+                           repack_weights=args.repack_weights, verbose=verbose, **extra_options)
     return PixtralModel.load(args.model, args.mmproj, options)

@@ -271,11 +271,13 @@ class _Turn:
 
 
 def build_prompt(messages: Sequence[Message], tokenize: Callable[[str], list[int]],
-                 specials: SpecialTokens) -> PromptPlan:
+                 specials: SpecialTokens, known_answers: Mapping[str, Sequence[int]] | None = None) -> PromptPlan:
     """mistral-common's v3-tekken chat sequence for `messages`.
 
     `tokenize` encodes plain text without BOS and without parsing control tokens (TextModel.tokenize
-    with add_special=False, parse_special=False).
+    with add_special=False, parse_special=False). `known_answers` maps answers this model generated to
+    the tokens it generated: an assistant turn with exactly that text keeps those tokens, which are in
+    the KV cache already (tokenizing the text again need not give the same tokens).
     """
     check_answerable(messages)
     system_prompt = _system_prompt(messages)
@@ -294,7 +296,9 @@ def build_prompt(messages: Sequence[Message], tokenize: Callable[[str], list[int
             content = _user_content(turn.parts, system, encode, specials)
             sequence += [specials.inst, *content, specials.inst_end]
         else:
-            sequence += [*encode(_assistant_text(turn).rstrip(" ")), specials.eos]  # rstrips spaces only
+            answer = _assistant_text(turn).rstrip(" ")  # rstrips spaces only
+            known = (known_answers or {}).get(answer)
+            sequence += [*(known if known is not None else encode(answer)), specials.eos]
     return _plan(sequence)
 
 

@@ -16,6 +16,8 @@ from pixtral_cpp.results import FinishReason, TextChunk
 class Outcome:
     tokens: int
     finish_reason: FinishReason
+    text: str = ""  # everything yielded
+    token_ids: tuple[int, ...] = ()  # the generated tokens, end-of-generation excluded
 
 
 class _StopStrings:
@@ -61,6 +63,8 @@ def generate_tokens(text: TextModel, cache: PromptCache, options: GenerationOpti
     sampler = Sampler(text, options.sampling(seed), grammar=grammar)
     decoder, stops = IncrementalDecoder(), _StopStrings(options.stop)
     generated, finish = 0, "length"
+    ids: list[int] = []
+    pieces: list[str] = []
     try:
         while generated < budget:
             if cancel is not None and cancel.cancelled:
@@ -72,8 +76,10 @@ def generate_tokens(text: TextModel, cache: PromptCache, options: GenerationOpti
                 finish = "stop"
                 break
             generated += 1
+            ids.append(token)
             piece = stops.feed(decoder.feed(text.token_piece(token)))
             if piece:
+                pieces.append(piece)
                 yield TextChunk(piece)
             if stops.hit:
                 finish = "stop_string"
@@ -81,13 +87,14 @@ def generate_tokens(text: TextModel, cache: PromptCache, options: GenerationOpti
             _decode(text, cache, token)
         tail = "" if stops.hit else stops.feed(decoder.flush()) + stops.flush()
         if tail:
+            pieces.append(tail)
             yield TextChunk(tail)
     except GeneratorExit:
         finish = "cancelled"
         raise
     finally:
         sampler.close()
-    return Outcome(generated, finish)  # type: ignore[arg-type]
+    return Outcome(generated, finish, "".join(pieces), tuple(ids))  # type: ignore[arg-type]
 
 
 def _decode(text: TextModel, cache: PromptCache, token: int) -> None:

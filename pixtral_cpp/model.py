@@ -11,6 +11,7 @@ must be iterated and closed by one thread; `astream_*` do that in a worker threa
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -42,7 +43,7 @@ from pixtral_cpp.conversation import (
     normalize_messages,
 )
 from pixtral_cpp.errors import ContextLengthError, PixtralError
-from pixtral_cpp.generate import generate_tokens
+from pixtral_cpp.generate import Outcome, generate_tokens
 from pixtral_cpp.images import ImageSource, prepare_image
 from pixtral_cpp.model_files import ModelFiles, PairInfo, check_pair, find_model_files
 from pixtral_cpp.options import GenerationOptions, ModelOptions
@@ -67,6 +68,7 @@ class PixtralModel:
     def __init__(self, files: ModelFiles, options: ModelOptions | None = None, *,
                  on_progress: ProgressCallback | None = None) -> None:
         """`on_progress` gets ProgressEvent("load", fraction, 1.0); an exception it raises aborts the load."""
+        started = time.monotonic()
         self.options = options or ModelOptions()
         self.files = files
         set_verbose(self.options.verbose)
@@ -88,6 +90,10 @@ class PixtralModel:
         self._lock = threading.RLock()
         self._busy = False  # a call holds the lock (guards against re-entry from the same thread)
         self.images_encoded = 0  # over the model's lifetime; follow-up questions should not add to it
+        # Recent answers and the tokens that produced them: when a follow-up sends an answer back, its
+        # tokens are reused as generated, so the KV cache already holds them.
+        self._answers: collections.OrderedDict[str, tuple[int, ...]] = collections.OrderedDict()
+        self.load_seconds = time.monotonic() - started  # checks, text model, vision encoder, warm-ups
 
     def _load_text(self, threads: int, control: CallControl) -> TextModel:
         # llama.cpp reports the text model's share of the load; the mmproj (no progress of its own)
@@ -211,6 +217,7 @@ class PixtralModel:
         conversation = normalize_messages(messages, allow_local_files=True)
         control = CallControl(on_progress=on_progress)
         with self._session():
+            # Tokenized exactly as mistral-common does (no remembered answers): scores must not depend on history.
             runs = self._runs(build_prompt(conversation, self._tokenize, self._specials), control, self._tally())
             self._check_fits(runs)
             return self._evaluate(runs, control)[1]
@@ -232,11 +239,23 @@ class PixtralModel:
         started = time.monotonic()
         outcome = yield from generate_tokens(self._text, self._cache, options, seed, budget, control.cancel,
                                              grammar)
+        self._remember_answer(outcome)
         yield tally.stats(outcome.tokens, time.monotonic() - started, outcome.finish_reason)
+
+    _ANSWERS_KEPT = 16
+
+    def _remember_answer(self, outcome: Outcome) -> None:
+        # Only answers whose text is exactly what the tokens say: not cut by a stop string or a cancel,
+        # and without the trailing spaces the prompt builder strips.
+        if outcome.finish_reason in ("length", "stop") and outcome.text and outcome.text == outcome.text.rstrip(" "):
+            self._answers[outcome.text] = outcome.token_ids
+            self._answers.move_to_end(outcome.text)
+            while len(self._answers) > self._ANSWERS_KEPT:
+                self._answers.popitem(last=False)
 
     def _prepare_prompt(self, conversation: list[Message], control: CallControl, tally: _Tally) -> int:
         """Encode the images and evaluate the prompt, recording what it cost in `tally`; prompt positions."""
-        plan = build_prompt(conversation, self._tokenize, self._specials)
+        plan = build_prompt(conversation, self._tokenize, self._specials, self._answers)
         started = time.monotonic()
         try:
             runs = self._runs(plan, control, tally)

@@ -42,9 +42,30 @@ def test_describe_json_has_answer_and_statistics(model_path, photo):
     result = run("describe", photo, "--model", model_path, "--max-tokens", "4", "--json", "--ctx", "2048")
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    assert set(data) == {"answer", "stats"}
+    assert set(data) == {"answer", "stats", "load_seconds"}
+    assert data["load_seconds"] > 0
     assert data["stats"]["image_tokens"] == 8 * 14  # 200x120 px -> 13x8 patches, rows * (cols + 1)
     assert data["stats"]["finish_reason"] in ("stop", "length")
+
+
+def test_describe_without_mmap_answers_the_same(model_path, photo):
+    args = ("describe", photo, "--model", model_path, "--max-tokens", "5", "--temperature", "0", "--ctx", "2048",
+            "--json")
+    mapped, read = run(*args), run(*args, "--no-mmap")
+    assert mapped.exit_code == read.exit_code == 0, read.output
+    assert json.loads(mapped.output)["answer"] == json.loads(read.output)["answer"]
+
+
+def test_repack_where_it_would_crash_is_a_clear_error(model_path, photo, converted):
+    """On AMX CPUs llama.cpp's repacked matmul segfaults on the first decode: refused before loading."""
+    from pixtral_cpp.backend._native import repacking_is_safe
+
+    quantized = str(converted("Q4_K_M", "F16")[0])
+    result = run("describe", photo, "--model", quantized, "--max-tokens", "2", "--ctx", "2048", "--repack")
+    if repacking_is_safe():
+        assert result.exit_code == 0, result.output
+    else:
+        assert result.exit_code == 1 and "repacking crashes on this CPU" in result.output
 
 
 def test_describe_with_schema(model_path, photo, tmp_path):

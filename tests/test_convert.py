@@ -11,8 +11,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
 from pixtral_cpp.convert import ConvertOptions, convert_checkpoint, plan_conversion
 from pixtral_cpp.convert.config import parse_config_json
-from pixtral_cpp.gguf_file import read_gguf_header
 
+from pixtral_cpp.gguf_file import read_gguf_header
 from pixtral_cpp.synthetic import SHAPES
 from tests.conftest import convert_tiny
 from tests.gguf_helpers import field, field_type, ne, read_gguf, tensor_bytes, tensors

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
+from pixtral_cpp.convert import ConvertOptions, convert_checkpoint
+from pixtral_cpp.convert.quant_mix import MIXES
 
 from pixtral_cpp.backend.quantize import LLAMA_FTYPES, quantize_gguf
 from pixtral_cpp.backend.row_quantizer import RowQuantizer
-from pixtral_cpp.convert import ConvertOptions, convert_checkpoint
-from pixtral_cpp.convert.quant_mix import MIXES
 from pixtral_cpp.errors import QuantizationError
 from pixtral_cpp.gguf_file import read_gguf_header
 from pixtral_cpp.synthetic import write_synthetic_checkpoint

@@ -45,6 +45,33 @@ def test_follow_up_question_reuses_the_image_and_the_prefix(pixtral):
     assert second.stats.prompt_seconds < first.stats.prompt_seconds / 3
 
 
+def test_follow_up_reuses_the_answer_tokens_as_generated(pixtral):
+    """Random weights produce answers that do not survive detokenize -> tokenize; the follow-up must still
+    evaluate only the new turn, not the answer again."""
+    image = picture(320, 240, seed=5)
+    first = pixtral.describe(image, "What is this?", max_tokens=16, temperature=0)
+    assert first.stats.finish_reason == "length" and first.text == first.text.rstrip(" ")
+    assert tuple(pixtral._tokenize(first.text)) != pixtral._answers[first.text], "pick a seed that shows it"
+    history = [Message("user", (Image(image), Text("What is this?"))), Message("assistant", (Text(first.text),)),
+               Message("user", (Text("And the colours?"),))]
+    second = pixtral.chat(history, max_tokens=1, temperature=0)
+    new_turn = 1 + 1 + len(pixtral._tokenize("And the colours?")) + 1  # </s> [INST] question [/INST]
+    assert second.stats.reused_tokens == first.stats.prompt_tokens + first.stats.generated_tokens
+    assert second.stats.prompt_tokens - second.stats.reused_tokens == new_turn
+
+
+def test_an_edited_answer_is_tokenized_afresh(pixtral):
+    image = picture(320, 240, seed=6)
+    first = pixtral.describe(image, "What is this?", max_tokens=8, temperature=0)
+    edited = "A picture of noise."
+    history = [Message("user", (Image(image), Text("What is this?"))), Message("assistant", (Text(edited),)),
+               Message("user", (Text("Sure?"),))]
+    second = pixtral.chat(history, max_tokens=1, temperature=0)
+    assert second.stats.reused_tokens == first.stats.prompt_tokens  # up to where the answers differ
+    expected = len(pixtral._tokenize(edited)) + 1 + 1 + len(pixtral._tokenize("Sure?")) + 1
+    assert second.stats.prompt_tokens - second.stats.reused_tokens == expected
+
+
 def test_same_image_in_a_new_conversation_is_not_encoded_twice(pixtral):
     image = picture(320, 240, seed=2)
     pixtral.describe(image, "One.", max_tokens=2)

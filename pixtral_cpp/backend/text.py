@@ -85,6 +85,10 @@ class TextModel:
         params.n_gpu_layers = self.options.n_gpu_layers
         params.load_mode = llama.LLAMA_LOAD_MODE_MMAP if self.options.use_mmap else llama.LLAMA_LOAD_MODE_NONE
         repack = self.options.repack_weights
+        if repack and not repacking_is_safe():  # checked here: llama.cpp would segfault on the first decode
+            raise BackendError("weight repacking crashes on this CPU (llama.cpp's AMX matmul, "
+                               "ggml-org/llama.cpp#20824); leave it off, or use a build without AMX: "
+                               "pixtral-cpp backend install cpu")
         params.use_extra_bufts = repacking_is_safe() if repack is None else repack
         relay = _ProgressRelay(llama, on_progress) if on_progress is not None else None
         if relay is not None:
