@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from bench_convert import ensure_checkpoint
@@ -33,8 +34,25 @@ def ensure_model(work: Path, shape: str, quant: str) -> Path:
     return text
 
 
+_MMAP = {"auto": None, "on": True, "off": False}
+
+
+def _time_to_first_chunk(stream: Any) -> tuple[float, str, Any]:
+    """Seconds until the first text arrives, the whole answer, its statistics (the stream is drained)."""
+    from pixtral_cpp.results import TextChunk
+
+    started, first, parts = time.monotonic(), None, []
+    for chunk in stream:
+        if isinstance(chunk, TextChunk):
+            first = first if first is not None else time.monotonic() - started
+            parts.append(chunk.text)
+        else:
+            return (first if first is not None else time.monotonic() - started), "".join(parts), chunk
+    raise AssertionError("a stream always ends with its statistics")
+
+
 def run_one(model: Path, budget: int, threads: int, max_tokens: int, image_path: Path | None = None,
-            **model_options: bool) -> dict[str, float]:
+            **model_options: Any) -> dict[str, float]:
     """One measurement in this process (called in a fresh subprocess by the driver)."""
     from pixtral_cpp.model import PixtralModel
     from pixtral_cpp.options import ModelOptions
@@ -45,21 +63,21 @@ def run_one(model: Path, budget: int, threads: int, max_tokens: int, image_path:
     options = ModelOptions(max_image_size=budget, threads=threads, **model_options)
     with PixtralModel.load(model, options=options) as pixtral:
         load = time.monotonic() - started
-        first = pixtral.describe(image, "Describe this image.", max_tokens=max_tokens, temperature=0)
+        first_token, answer, first = _time_to_first_chunk(
+            pixtral.stream_describe(image, "Describe this image.", max_tokens=max_tokens, temperature=0))
         history = [{"role": "user", "content": [{"type": "image", "image": image},
                                                 {"type": "text", "text": "Describe this image."}]},
-                   {"role": "assistant", "content": first.text},
+                   {"role": "assistant", "content": answer},
                    {"role": "user", "content": "What colours dominate?"}]
-        ask = time.monotonic()
-        follow = pixtral.chat(history, max_tokens=1, temperature=0)
-        follow_first_token = time.monotonic() - ask
-    s = first.stats
+        follow_first_token, _, follow = _time_to_first_chunk(
+            pixtral.stream_chat(history, max_tokens=2, temperature=0))
+    s = first
     return {
         "load_s": load, "image_tokens": s.image_tokens, "encode_s": s.image_encode_seconds,
         "prompt_s": s.prompt_seconds, "prompt_tok_s": s.prompt_tokens_per_second,
         "gen_tok_s": s.generated_tokens_per_second,
-        "first_token_s": s.image_encode_seconds + s.prompt_seconds,
-        "follow_up_first_token_s": follow_first_token, "follow_up_encodes": follow.stats.images_encoded,
+        "first_token_s": first_token,
+        "follow_up_first_token_s": follow_first_token, "follow_up_encodes": follow.images_encoded,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
     }
 
@@ -74,14 +92,15 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/pixtral-cpp-bench"))
     parser.add_argument("--runs", type=int, default=1, help="fresh processes per row; medians are printed")
     parser.add_argument("--repack", action="store_true", help="llama.cpp's repacked weights (default: off)")
-    parser.add_argument("--no-mmap", action="store_true", help="read the model into memory instead of mapping it")
+    parser.add_argument("--mmap", choices=["auto", "on", "off"], default="auto",
+                        help="map the model file (auto: unless repacking) or read it into memory")
     parser.add_argument("--run-one", nargs=2, metavar=("MODEL", "BUDGET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     flags = ["--threads", str(args.threads), "--max-tokens", str(args.max_tokens)]
-    flags += ["--repack"] * args.repack + ["--no-mmap"] * args.no_mmap
+    flags += ["--repack"] * args.repack + ["--mmap", args.mmap]
     if args.run_one:
         print(json.dumps(run_one(Path(args.run_one[0]), int(args.run_one[1]), args.threads, args.max_tokens,
-                                 repack_weights=args.repack, use_mmap=not args.no_mmap)))
+                                 repack_weights=args.repack, use_mmap=_MMAP[args.mmap])))
         return
     columns = ["load_s", "image_tokens", "encode_s", "prompt_s", "prompt_tok_s", "gen_tok_s", "first_token_s",
                "follow_up_first_token_s", "peak_rss_gb"]

@@ -49,17 +49,24 @@ def mtmd_cli_run(cli: Path, text: Path, mmproj: Path, image: Path, args: argpars
            "--image-min-tokens", "1", "--image-max-tokens", "4096", "-fa", "off", "--perf",
            "--log-timestamps", "--log-prefix", "-lv", "4"] + ([] if args.repack else ["--no-repack"])
     result = measure(cmd, log_path=str(log))
-    text_log = log.read_text(errors="replace")
     if result.returncode:
         raise RuntimeError(f"llama-mtmd-cli failed ({result.returncode}); see {log}")
+    return {**parse_mtmd_cli_log(log.read_text(errors="replace"), log), "wall_s": result.seconds,
+            "peak_rss_gb": result.peak_rss_gb}
+
+
+def parse_mtmd_cli_log(text_log: str, log: Path) -> dict[str, float]:
+    """llama-mtmd-cli's phases from its log. llama.cpp's "prompt eval time" runs from the first prompt
+    decode to the last one: `<s>[INST]` is decoded before the image is encoded, and only synchronized at
+    the image's decode, so the encode is inside it. It therefore is the time to the first token."""
     ready, prompt, gen = _READY.search(text_log), _PROMPT.search(text_log), _EVAL.search(text_log)
     if not (ready and prompt and gen):
         raise RuntimeError(f"llama-mtmd-cli's log lacks the lines this benchmark reads; see {log}")
     encode_s = sum(float(v) for v in _ENCODE.findall(text_log)) / 1000
     prompt_s, gen_s = float(prompt[1]) / 1000, float(gen[1]) / 1000
     return {"load_s": int(ready[1]) * 60 + int(ready[2]) + int(ready[3]) / 1000, "encode_s": encode_s,
-            "first_token_s": encode_s + prompt_s, "prompt_tok_s": int(prompt[2]) / prompt_s,
-            "gen_tok_s": int(gen[2]) / gen_s, "wall_s": result.seconds, "peak_rss_gb": result.peak_rss_gb}
+            "first_token_s": prompt_s, "prompt_tok_s": int(prompt[2]) / (prompt_s - encode_s),
+            "gen_tok_s": int(gen[2]) / gen_s}
 
 
 def ours_run(text: Path, mmproj: Path, image: Path, args: argparse.Namespace, log: Path) -> dict[str, float]:
@@ -100,8 +107,9 @@ def main() -> None:
     Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(image)
     theirs, mine = [], []
     for i in range(args.runs):  # alternating, so drift on a shared machine hits both alike
-        theirs.append(mtmd_cli_run(args.mtmd_cli, text, mmproj, image, args, args.work_dir / f"mtmd-cli-{i}.log"))
-        mine.append(ours_run(text, mmproj, image, args, args.work_dir / f"ours-{i}.log"))
+        tag = f"{args.shape}-{width}x{height}-{i}"
+        theirs.append(mtmd_cli_run(args.mtmd_cli, text, mmproj, image, args, args.work_dir / f"mtmd-cli-{tag}.log"))
+        mine.append(ours_run(text, mmproj, image, args, args.work_dir / f"ours-{tag}.log"))
     print(f"{args.shape} {args.quant}, {width}x{height} image ({mine[0]['image_tokens']} image positions), "
           f"{args.threads} threads, repack {'on' if args.repack else 'off'}, "
           f"libraries {os.path.basename(str(args.mtmd_cli.resolve().parent.parent))}, median of {args.runs}")

@@ -23,8 +23,8 @@ class ModelArgs:
     gpu_layers: int
     vision_gpu: bool | None
     max_image_size: int
-    use_mmap: bool
-    repack_weights: bool | None
+    use_mmap: bool | None
+    repack_weights: bool
 
 
 def model_options(f: Any) -> Any:
@@ -48,10 +48,10 @@ def model_options(f: Any) -> Any:
                      help="Vision encoder on the GPU or the CPU (default: the GPU when text layers are offloaded)."),
         click.option("--max-image-size", type=int, default=1024, show_default=True, callback=check_image_size,
                      help="Longest image edge in px (16..1024, multiple of 16); smaller is faster, less detail."),
-        click.option("--mmap/--no-mmap", "use_mmap", default=True, show_default=True,
-                     help="Map the model file instead of reading it into memory (faster load, shared pages)."),
-        click.option("--repack/--no-repack", "repack_weights", default=None,
-                     help="llama.cpp's repacked CPU weight copy (default: off; see docs/benchmarks.md)."),
+        click.option("--repack/--no-repack", "repack_weights", default=False, show_default=True,
+                     help="llama.cpp's repacked CPU weights: faster generation, slower load and prompt."),
+        click.option("--mmap/--no-mmap", "use_mmap", default=None,
+                     help="Map the model file (default: yes, unless --repack) or read it into memory."),
     ]
     command = with_model_args
     for decorator in reversed(decorators):

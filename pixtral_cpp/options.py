@@ -23,8 +23,9 @@ class ModelOptions:
     vision_gpu: bool | None = None  # the vision encoder on the GPU; None: when text layers are offloaded
     max_image_size: int = MAX_IMAGE_SIZE  # longest image edge in px; smaller is faster, fewer tokens
     seed: int | None = None  # default sampling seed; None: random
-    use_mmap: bool = True
-    repack_weights: bool | None = None  # None: llama.cpp's repacking where it is safe (not on AMX)
+    # llama.cpp's repacked weight copy: faster generation, slower load and prompt (docs/benchmarks.md).
+    repack_weights: bool = False
+    use_mmap: bool | None = None  # None: map the model file, unless repacking
     # llama.cpp's CPU flash attention works in F16 and drifts by ~4e-2 on long image prompts: off by default.
     flash_attn: Literal["auto", "on", "off"] = "off"
     kv_cache_type: Literal["f16", "f32"] = "f16"

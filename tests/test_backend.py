@@ -189,7 +189,7 @@ def test_quantize_q4_k_m_loads_and_runs(tiny_gguf_pair, tmp_path):
     assert [i for i, _, _ in seen] == list(range(1, n_tensors + 1))
     assert len({name for *_, name in seen}) == n_tensors and "token_embd.weight" in {name for *_, name in seen}
     assert text_dst.stat().st_size < text_src.stat().st_size / 4  # 4.5-6.5 bits per weight instead of 32
-    # default repack_weights=None: no AMX repacking, whose matmul segfaults (llama.cpp#20824)
+    # default repack_weights=False: no AMX repacking, whose matmul segfaults (llama.cpp#20824)
     options = TextModelOptions(n_ctx=512)
     with TextModel(text_dst, options) as text, VisionContext(mmproj_dst, text) as vision:
         image = random_image(np.random.default_rng(2), 64, 48)

@@ -44,7 +44,7 @@ def test_convert_by_repo_id_from_the_cache(offline_hub_cache, tmp_path):
     assert text.is_file() and (tmp_path / "out" / "mmproj-Pixtral-12B-2409-F16.gguf").is_file()
     assert f"text model  {text}" in proc.stdout
     # Not a terminal: one summary line per step instead of a redrawn bar.
-    assert "mmproj:" in proc.stderr and "\r" not in proc.stderr
+    assert "mmproj (F16):" in proc.stderr and "text model (BF16):" in proc.stderr and "\r" not in proc.stderr
     reader = read_gguf(text)
     assert field(reader, "general.name") == "Pixtral-12B-2409"
     assert field(reader, "general.license") == "apache-2.0"

@@ -29,10 +29,12 @@ class TextModelOptions:
     n_batch: int = 512
     n_threads: int | None = None  # None: every core
     n_gpu_layers: int = 0
-    use_mmap: bool = True
-    # llama.cpp's CPU "extra buffer types": a repacked copy of quantized weights for faster matmuls
-    # (about 5 GB more RSS at 12B). None: on, except on CPUs with AMX, where it crashes (see repacking_is_safe).
-    repack_weights: bool | None = None
+    # llama.cpp's CPU "extra buffer types": a repacked copy of the quantized weights. Measured at 12B
+    # (docs/benchmarks.md): generation +50 %, prompt evaluation -30 % with AVX-512 (about equal with
+    # AVX2), load 3x slower; it segfaults on CPUs with AMX (see repacking_is_safe). Off by default.
+    repack_weights: bool = False
+    # None: map the file, unless repacking (its mapped pages would stay resident beside the copy, +5 GB).
+    use_mmap: bool | None = None
     # "f32" makes llama.cpp match a float32 reference to ~5e-7; "f16" (llama.cpp's default) halves the memory.
     kv_cache_type: Literal["f16", "f32"] = "f16"
     # "auto" turns flash attention on for the CPU too, whose kernel works in F16 even with an F32 KV
@@ -83,13 +85,14 @@ class TextModel:
         llama = self._llama
         params = llama.llama_model_default_params()
         params.n_gpu_layers = self.options.n_gpu_layers
-        params.load_mode = llama.LLAMA_LOAD_MODE_MMAP if self.options.use_mmap else llama.LLAMA_LOAD_MODE_NONE
         repack = self.options.repack_weights
         if repack and not repacking_is_safe():  # checked here: llama.cpp would segfault on the first decode
             raise BackendError("weight repacking crashes on this CPU (llama.cpp's AMX matmul, "
                                "ggml-org/llama.cpp#20824); leave it off, or use a build without AMX: "
                                "pixtral-cpp backend install cpu")
-        params.use_extra_bufts = repacking_is_safe() if repack is None else repack
+        params.use_extra_bufts = repack
+        use_mmap = not repack if self.options.use_mmap is None else self.options.use_mmap
+        params.load_mode = llama.LLAMA_LOAD_MODE_MMAP if use_mmap else llama.LLAMA_LOAD_MODE_NONE
         relay = _ProgressRelay(llama, on_progress) if on_progress is not None else None
         if relay is not None:
             params.progress_callback = relay.c_callback  # `relay` keeps it alive until loading returns
