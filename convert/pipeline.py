@@ -42,6 +42,7 @@ from pixtral_cpp.paths import default_models_dir
 if TYPE_CHECKING:
     from pixtral_cpp.backend.row_quantizer import RowQuantizer
 
+
 @dataclass(frozen=True)
 class ConvertOptions:
     """What to convert, to where, at which precision."""

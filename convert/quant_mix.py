@@ -45,14 +45,14 @@ def every_layer(kind: Q) -> LayerRule:
 
 @dataclass(frozen=True)
 class Mix:
-    """One llama_ftype's choice of types for a grouped-query-attention decoder (n_head / n_kv >= 4)."""
+    """One llama_ftype's choice of types for the matrices of a `llama`-arch decoder."""
 
     ftype: gguf.LlamaFileType
     base: Q  # every quantizable matrix not named below
     attn_v: LayerRule = _keep
     ffn_down: LayerRule = _keep
     attn_output: Q | None = None
-    # Pixtral has 4 query heads per KV head; llama.cpp gives attn_v fewer bits below that.
+    # attn_v with fewer than 4 query heads per KV head (Pixtral has 4), where the mix says otherwise.
     attn_v_small_gqa: LayerRule | None = None
 
     @property
