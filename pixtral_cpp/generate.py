@@ -14,10 +14,13 @@ from pixtral_cpp.results import FinishReason, TextChunk
 
 @dataclass(frozen=True)
 class Outcome:
-    tokens: int
     finish_reason: FinishReason
-    text: str = ""  # everything yielded
-    token_ids: tuple[int, ...] = ()  # the generated tokens, end-of-generation excluded
+    text: str  # everything yielded
+    token_ids: tuple[int, ...]  # the generated tokens, end-of-generation excluded
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
 
 
 class _StopStrings:
@@ -62,11 +65,11 @@ def generate_tokens(text: TextModel, cache: PromptCache, options: GenerationOpti
     """
     sampler = Sampler(text, options.sampling(seed), grammar=grammar)
     decoder, stops = IncrementalDecoder(), _StopStrings(options.stop)
-    generated, finish = 0, "length"
+    finish = "length"
     ids: list[int] = []
     pieces: list[str] = []
     try:
-        while generated < budget:
+        while len(ids) < budget:
             if cancel is not None and cancel.cancelled:
                 finish = "cancelled"
                 break
@@ -75,7 +78,6 @@ def generate_tokens(text: TextModel, cache: PromptCache, options: GenerationOpti
                 _decode(text, cache, token)  # keep `</s>` in the cache: the next turn's prompt has it
                 finish = "stop"
                 break
-            generated += 1
             ids.append(token)
             piece = stops.feed(decoder.feed(text.token_piece(token)))
             if piece:
@@ -94,7 +96,7 @@ def generate_tokens(text: TextModel, cache: PromptCache, options: GenerationOpti
         raise
     finally:
         sampler.close()
-    return Outcome(generated, finish, "".join(pieces), tuple(ids))  # type: ignore[arg-type]
+    return Outcome(finish, "".join(pieces), tuple(ids))  # type: ignore[arg-type]
 
 
 def _decode(text: TextModel, cache: PromptCache, token: int) -> None:

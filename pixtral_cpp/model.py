@@ -11,7 +11,6 @@ must be iterated and closed by one thread; `astream_*` do that in a worker threa
 
 from __future__ import annotations
 
-import collections
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -90,9 +89,6 @@ class PixtralModel:
         self._lock = threading.RLock()
         self._busy = False  # a call holds the lock (guards against re-entry from the same thread)
         self.images_encoded = 0  # over the model's lifetime; follow-up questions should not add to it
-        # Recent answers and the tokens that produced them: when a follow-up sends an answer back, its
-        # tokens are reused as generated, so the KV cache already holds them.
-        self._answers: collections.OrderedDict[str, tuple[int, ...]] = collections.OrderedDict()
         self.load_seconds = time.monotonic() - started  # checks, text model, vision encoder, warm-ups
 
     def _load_text(self, threads: int, control: CallControl) -> TextModel:
@@ -242,20 +238,15 @@ class PixtralModel:
         self._remember_answer(outcome)
         yield tally.stats(outcome.tokens, time.monotonic() - started, outcome.finish_reason)
 
-    _ANSWERS_KEPT = 16
-
     def _remember_answer(self, outcome: Outcome) -> None:
         # Only answers whose text is exactly what the tokens say: not cut by a stop string or a cancel,
         # and without the trailing spaces the prompt builder strips.
         if outcome.finish_reason in ("length", "stop") and outcome.text and outcome.text == outcome.text.rstrip(" "):
-            self._answers[outcome.text] = outcome.token_ids
-            self._answers.move_to_end(outcome.text)
-            while len(self._answers) > self._ANSWERS_KEPT:
-                self._answers.popitem(last=False)
+            self._cache.remember_answer(outcome.text, outcome.token_ids)
 
     def _prepare_prompt(self, conversation: list[Message], control: CallControl, tally: _Tally) -> int:
         """Encode the images and evaluate the prompt, recording what it cost in `tally`; prompt positions."""
-        plan = build_prompt(conversation, self._tokenize, self._specials, self._answers)
+        plan = build_prompt(conversation, self._tokenize, self._specials, self._cache.answers)
         started = time.monotonic()
         try:
             runs = self._runs(plan, control, tally)

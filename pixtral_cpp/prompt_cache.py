@@ -19,6 +19,8 @@ from pixtral_cpp.backend import ImageEmbedding
 
 Key = int | str
 
+ANSWERS_KEPT = 16  # recent answers whose generated tokens are remembered
+
 
 @dataclass(frozen=True)
 class TokenRun:
@@ -65,13 +67,24 @@ def image_key(pixels: np.ndarray) -> str:
     return "img:" + digest.hexdigest()
 
 
+def _put_recent(table: OrderedDict, key: object, value: object, capacity: int) -> None:
+    """Insert or refresh `key` as the most recent entry; drop the least recent beyond `capacity`."""
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > capacity:
+        table.popitem(last=False)
+
+
 class PromptCache:
-    """The keys of the positions in the KV cache, and recently encoded images."""
+    """The keys of the positions in the KV cache, recently encoded images, and recent answers."""
 
     def __init__(self, image_capacity: int) -> None:
         self.keys: list[Key] = []
         self._images: OrderedDict[str, ImageEmbedding] = OrderedDict()
         self._sources: OrderedDict[tuple[str, int], str] = OrderedDict()  # (fingerprint, budget) -> image key
+        # Answer text -> the tokens generated for it: when a follow-up sends an answer back, its tokens
+        # are reused as generated (re-tokenizing need not give them), so the KV cache already holds them.
+        self.answers: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._capacity = image_capacity
 
     def embedding(self, key: str) -> ImageEmbedding | None:
@@ -88,15 +101,13 @@ class PromptCache:
 
     def remember_source(self, fingerprint: str | None, budget: int, key: str) -> None:
         if fingerprint:
-            self._sources[(fingerprint, budget)] = key
-            while len(self._sources) > 4 * max(self._capacity, 1):
-                self._sources.popitem(last=False)
+            _put_recent(self._sources, (fingerprint, budget), key, 4 * max(self._capacity, 1))
 
     def remember(self, key: str, embedding: ImageEmbedding) -> None:
-        self._images[key] = embedding
-        self._images.move_to_end(key)
-        while len(self._images) > self._capacity:
-            self._images.popitem(last=False)
+        _put_recent(self._images, key, embedding, self._capacity)
+
+    def remember_answer(self, text: str, token_ids: tuple[int, ...]) -> None:
+        _put_recent(self.answers, text, token_ids, ANSWERS_KEPT)
 
     def reusable_prefix(self, runs: list[Run]) -> int:
         """Positions of `runs` already in the KV cache that can stay.

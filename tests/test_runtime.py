@@ -51,7 +51,7 @@ def test_follow_up_reuses_the_answer_tokens_as_generated(pixtral):
     image = picture(320, 240, seed=5)
     first = pixtral.describe(image, "What is this?", max_tokens=16, temperature=0)
     assert first.stats.finish_reason == "length" and first.text == first.text.rstrip(" ")
-    assert tuple(pixtral._tokenize(first.text)) != pixtral._answers[first.text], "pick a seed that shows it"
+    assert tuple(pixtral._tokenize(first.text)) != pixtral._cache.answers[first.text], "pick a seed that shows it"
     history = [Message("user", (Image(image), Text("What is this?"))), Message("assistant", (Text(first.text),)),
                Message("user", (Text("And the colours?"),))]
     second = pixtral.chat(history, max_tokens=1, temperature=0)
