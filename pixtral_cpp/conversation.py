@@ -29,12 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
 
+import numpy as np
+from PIL import Image as PILImage
+
 from pixtral_cpp.errors import ConversationError, ImageError
 from pixtral_cpp.images import ImageSource
+from pixtral_cpp.valid_text import check_text
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = get_args(Role)
 TURN_SEPARATOR = "\n\n"  # mistral-common's _DEFAULT_JOIN_STR, for texts, messages and system prompts
+_IMAGE_OBJECTS = (bytes, bytearray, PILImage.Image, np.ndarray)  # image sources that are not paths or URLs
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -69,11 +74,13 @@ class Message:
         if self.role not in ROLES:
             raise ConversationError(f"unknown role {self.role!r}; expected one of {', '.join(ROLES)}")
         object.__setattr__(self, "parts", tuple(self.parts))
-        for part in self.parts:
+        for number, part in enumerate(self.parts):
             if not isinstance(part, (Text, Image)):
                 raise ConversationError(f"a message part must be Text or Image, not {type(part).__name__}")
             if isinstance(part, Image) and self.role != "user":
                 raise ConversationError(f"only user messages can hold images, not {self.role} messages")
+            if isinstance(part, Text):
+                _check_part_text(number, part)
 
     @classmethod
     def user(cls, *content: str | Part | ImageSource) -> Message:
@@ -89,6 +96,11 @@ class Message:
     def assistant(cls, *content: str | Text) -> Message:
         """An earlier answer of the model."""
         return cls("assistant", _as_parts(content))
+
+
+def _check_part_text(number: int, part: Text) -> None:
+    # Every text of every message passes here: the one check before the tokenizer sees text.
+    check_text(part.text, f"part {number}: the text")
 
 
 def _as_parts(content: Iterable[str | Part | ImageSource]) -> tuple[Part, ...]:
@@ -197,8 +209,27 @@ def resolve_image_source(source: ImageSource, *, allow_local_files: bool = False
         if not allow_local_files:
             raise ImageError(f"local image files are not allowed here ({str(source)[:60]!r}); pass the image "
                              "as a data: URL or bytes")
-        return Path(source)
+        return _local_path(source)
+    if isinstance(source, memoryview):
+        return source.tobytes()  # one image's bytes (a memoryview is also a Sequence: never a list here)
+    if not isinstance(source, _IMAGE_OBJECTS):
+        raise ImageError(f"cannot read an image from a {type(source).__name__}: pass a path, bytes, a data: URL, "
+                         "a PIL image or a numpy array, one per image")
     return source
+
+
+def _local_path(source: str | os.PathLike[str]) -> Path:
+    """The path of a local image, refusing names no file system can hold before anything stats them."""
+    name = os.fspath(source)
+    if not isinstance(name, str):
+        raise ImageError(f"an image path must be text, not {type(name).__name__} (bytes are taken as image data)")
+    if not name:
+        raise ImageError("the image path is empty")
+    nul = name.find("\0")
+    if nul >= 0:
+        raise ImageError(f"the image path {name[:60]!r} holds a NUL byte at position {nul}; "
+                         "no file can have that name")
+    return Path(name)
 
 
 def _decode_data_url(url: str) -> bytes:

@@ -11,6 +11,7 @@ must be iterated and closed by one thread; `astream_*` do that in a worker threa
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -23,6 +24,7 @@ import numpy as np
 
 from pixtral_cpp.aio import stream_in_thread
 from pixtral_cpp.backend import (
+    ImageEmbedding,
     TextModel,
     TextModelOptions,
     VisionContext,
@@ -41,15 +43,17 @@ from pixtral_cpp.conversation import (
     build_prompt,
     normalize_messages,
 )
-from pixtral_cpp.errors import ContextLengthError, PixtralError
+from pixtral_cpp.errors import ConversationError, PixtralError
 from pixtral_cpp.generate import Outcome, generate_tokens
-from pixtral_cpp.images import ImageSource, prepare_image
+from pixtral_cpp.images import ImageSource
 from pixtral_cpp.model_files import ModelFiles, PairInfo, check_pair, find_model_files
 from pixtral_cpp.options import GenerationOptions, ModelOptions
 from pixtral_cpp.placement import Placement, plan_placement
-from pixtral_cpp.prompt_cache import ImageRun, Key, PromptCache, Run, TokenRun, image_key, source_fingerprint
+from pixtral_cpp.prompt_cache import ImageRun, Key, PromptCache, Run, TokenRun
+from pixtral_cpp.prompt_fit import StagedImage, check_prompt_fits, stage_images
 from pixtral_cpp.results import Chunk, Completion, FinishReason, GenerationStats, TextChunk
 from pixtral_cpp.system import physical_cores
+from pixtral_cpp.valid_text import check_text
 
 DEFAULT_PROMPT = "Describe this image in detail."
 
@@ -215,7 +219,6 @@ class PixtralModel:
         with self._session():
             # Tokenized exactly as mistral-common does (no remembered answers): scores must not depend on history.
             runs = self._runs(build_prompt(conversation, self._tokenize, self._specials), control, self._tally())
-            self._check_fits(runs)
             return self._evaluate(runs, control)[1]
 
     # -- the work -----------------------------------------------------------------------------------------
@@ -252,7 +255,7 @@ class PixtralModel:
             runs = self._runs(plan, control, tally)
         finally:
             tally.image_encode_seconds = time.monotonic() - started
-        tally.prompt_tokens = self._check_fits(runs)
+        tally.prompt_tokens = sum(len(run.keys()) for run in runs)
         tally.image_tokens = sum(r.embedding.n_positions + 1 for r in runs if isinstance(r, ImageRun))
         started = time.monotonic()
         try:
@@ -261,50 +264,36 @@ class PixtralModel:
             tally.prompt_seconds = time.monotonic() - started
         return tally.prompt_tokens
 
-    def _check_fits(self, runs: list[Run]) -> int:
-        n_prompt = sum(len(run.keys()) for run in runs)
-        if n_prompt >= self.n_ctx:
-            n_image = sum(len(run.keys()) for run in runs if isinstance(run, ImageRun))
-            raise ContextLengthError(
-                f"the prompt needs {n_prompt} positions ({n_image} for images) but the context holds "
-                f"{self.n_ctx}; raise the context size (--ctx), lower the image budget (--max-image-size) "
-                f"or ask about fewer images")
-        return n_prompt
-
     def _tokenize(self, text: str) -> list[int]:
         return self._text.tokenize(text, add_special=False, parse_special=False)
 
     def _runs(self, plan: PromptPlan, control: CallControl, tally: _Tally) -> list[Run]:
-        """Token runs and encoded images in prompt order; counts the images encoded now in `tally`."""
-        runs: list[Run] = []
-        n_images, done = sum(isinstance(item, ImageSlot) for item in plan.items), 0
-        if n_images:
-            control.report("image", 0, n_images)
-        for item in plan.items:
-            if not isinstance(item, ImageSlot):
-                runs.append(TokenRun(tuple(item)))
-                continue
-            control.check()  # before preparing: an encode cannot be interrupted once started
-            runs.append(self._image_run(plan.images[item.index].source, tally))
-            done += 1
-            control.report("image", done, n_images)
-        return runs
+        """Token runs and encoded images in prompt order; counts the images encoded now in `tally`.
 
-    def _image_run(self, source: ImageSource, tally: _Tally) -> ImageRun:
-        budget, fingerprint = self.options.max_image_size, source_fingerprint(source)
-        known = self._cache.known_source(fingerprint, budget)
-        if known is not None:  # a follow-up about the same file, bytes or array: not even decoded again
-            return ImageRun(*known)
-        prepared = prepare_image(source, max_image_size=budget)
-        key = image_key(prepared.pixels)
-        self._cache.remember_source(fingerprint, budget, key)
-        embedding = self._cache.embedding(key)
+        Every image is prepared (or found in the cache) and the prompt checked against the context
+        before the first one is encoded: a prompt that cannot fit costs no vision encoder time.
+        """
+        staged = stage_images(plan, self._cache, self.options.max_image_size, control)
+        check_prompt_fits(plan, staged, self.n_ctx)
+        if staged:
+            control.report("image", 0, len(staged))
+        embeddings = []
+        for done, image in enumerate(staged, 1):
+            control.check()  # before encoding: an encode cannot be interrupted once started
+            embeddings.append(self._encode(image, tally))
+            control.report("image", done, len(staged))
+        return [ImageRun(staged[item.index].key, embeddings[item.index]) if isinstance(item, ImageSlot)
+                else TokenRun(tuple(item)) for item in plan.items]
+
+    def _encode(self, image: StagedImage, tally: _Tally) -> ImageEmbedding:
+        # Looked up again: the same image twice in one prompt is encoded once.
+        embedding = image.embedding if image.embedding is not None else self._cache.embedding(image.key)
         if embedding is None:
-            embedding = self._vision.encode_rgb(prepared.pixels)  # checks every value is finite
-            self._cache.remember(key, embedding)
+            embedding = self._vision.encode_rgb(image.pixels)  # checks every value is finite
+            self._cache.remember(image.key, embedding)
             tally.images_encoded += 1
             self.images_encoded += 1
-        return ImageRun(key, embedding)
+        return embedding
 
     def _evaluate(self, runs: list[Run], control: CallControl) -> tuple[int, np.ndarray]:
         """Bring the KV cache to exactly `runs`, reusing the common prefix: (reused positions, last logits).
@@ -393,8 +382,15 @@ def _text_share(files: ModelFiles) -> float:
 
 def _describe_messages(images: ImageSource | Sequence[ImageSource], prompt: str, system: str | None
                        ) -> list[Message]:
-    if isinstance(images, (str, Path, bytes, bytearray)) or not isinstance(images, Sequence):
+    check_text(prompt, "the prompt")  # named here; Message would only say "part N"
+    if system is not None:
+        check_text(system, "the system prompt")
+    # One image unless a list of them: str, bytes and memoryview are Sequences too
+    if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview)) or not isinstance(images, Sequence):
         images = [images]
+    elif not images:
+        raise ConversationError("describe() needs at least one image, got none; use chat() for a question "
+                                "without images")
     messages = [Message("system", (Text(system),))] if system else []
     messages.append(Message("user", (*(Image(source) for source in images), Text(prompt))))
     return messages

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pixtral_cpp.backend.sampling import SamplingOptions
 from pixtral_cpp.images import MAX_IMAGE_SIZE, check_max_image_size
+from pixtral_cpp.valid_text import check_json_text, check_text
 
 # One 1024 px image is up to 4160 positions; 8192 holds two with room for text, and costs about
 # 1.3 GB of F16 KV cache at 12B (160 KiB per position), not the 1,024,000-token training context.
@@ -62,6 +63,11 @@ class GenerationOptions:
             raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
         if isinstance(self.stop, str):  # a lone string would be iterated character by character
             object.__setattr__(self, "stop", (self.stop,))
+        # Text llama.cpp or the answer is matched against must be valid Unicode (pixtral_cpp.valid_text).
+        for number, stop in enumerate(self.stop):
+            check_text(stop, f"stop string {number}")
+        if self.json_schema is not None:
+            check_json_text(self.json_schema, "the JSON schema")
         self.sampling(self.seed)  # refuse bad values now, not after minutes of image prefill
 
     def sampling(self, default_seed: int | None) -> SamplingOptions:
