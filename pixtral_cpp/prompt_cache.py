@@ -49,8 +49,9 @@ def source_fingerprint(source: object) -> str | None:
         try:
             path = Path(source).resolve()
             stat = path.stat()
-        except OSError:
-            return None  # let preparation report the problem
+        # ValueError: a NUL in the name; RuntimeError: Python < 3.13 on a symlink loop
+        except (OSError, ValueError, RuntimeError):
+            return None  # let preparation report the problem as an ImageError
         return f"path:{path}:{stat.st_mtime_ns}:{stat.st_size}"
     if isinstance(source, (bytes, bytearray, memoryview)):
         return "bytes:" + hashlib.blake2b(source, digest_size=16).hexdigest()
