@@ -11,25 +11,33 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from pixtral_cpp.errors import ImageError
+from pixtral_cpp.image_decode import (
+    Decoded,
+    check_pil_image,
+    check_pixel_count,
+    decode_file,
+    decode_opened,
+    display_name,
+    open_image_file,
+    quietly,
+    to_rgb,
+    to_uint8,
+)
 
 PATCH_SIZE = 16  # Pixtral-12B vision_encoder.patch_size
 MAX_IMAGE_SIZE = 1024  # Pixtral-12B vision_encoder.image_size; its 2D RoPE table covers 64 patches a side
 DEFAULT_MAX_PIXELS = 50_000_000  # refuse larger images before decoding them (decompression bombs)
 
-ImageSource = str | os.PathLike[str] | bytes | bytearray | Image.Image | np.ndarray
+REDUCTION_MARGIN = 2  # reduce_while_decoding keeps each side at least this many times the final grid
 
-# Pillow modes holding 16-bit samples in a wider container; scaled to 8 bits, not clipped.
-_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image | np.ndarray
 _ARRAY_CHANNELS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 _ARRAY_DTYPES = frozenset(np.dtype(t) for t in (np.uint8, np.uint16, np.bool_, np.float16, np.float32,
                                                  np.float64))
@@ -110,102 +118,48 @@ def max_image_tokens(max_image_size: int = MAX_IMAGE_SIZE) -> int:
 # Loading
 
 
-def load_image(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               reduce_while_decoding: bool = False) -> Image.Image:
     """Decode a path, encoded bytes, a PIL image or a numpy array into an 8-bit RGB PIL image.
 
-    EXIF orientation is applied (mistral-common does not), animations give their first frame,
+    Encoded data must be PNG, JPEG, WebP, GIF, BMP or TIFF (and AVIF where Pillow has it), told from
+    its first bytes; other formats are refused by name (pixtral_cpp.image_decode says why). A PIL image
+    of another format is accepted only once its pixels are loaded. EXIF orientation is applied
+    (mistral-common does not; unreadable EXIF is ignored), animations give their first frame,
     transparency is composited onto white (as mistral-common does), 16-bit samples are scaled to 8
     bits (1/257; Pillow's float mode F is taken as 0..1). Arrays: (H, W), (H, W, 1|2|3|4) as gray,
     gray+alpha, RGB, RGBA; uint8 as is, uint16 scaled by 1/257, bool as 0/255, float as 0..1
     (clipped). Images over `max_pixels` are refused before any pixel is decoded (None: only Pillow's
-    own limit, 2 x Image.MAX_IMAGE_PIXELS, applies). Every failure raises ImageError.
+    own limit, 2 x Image.MAX_IMAGE_PIXELS, applies). `reduce_while_decoding`: see prepare_image; the
+    image then comes back smaller than the file. Every failure raises ImageError.
     """
+    keep = _reduction_floor(MAX_IMAGE_SIZE) if reduce_while_decoding else None
+    return _load(source, max_pixels, keep).image
+
+
+def _load(source: ImageSource, max_pixels: int | None,
+          keep_at_least: Callable[[int, int], tuple[int, int]] | None) -> Decoded:
     if max_pixels is not None and (not isinstance(max_pixels, int) or isinstance(max_pixels, bool)
                                    or max_pixels < 1):
         raise ImageError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
     if isinstance(source, np.ndarray):
-        return _decode("<array>", lambda: nullcontext(_image_from_array(source, max_pixels)), max_pixels)
-    if isinstance(source, Image.Image):
-        return _decode("<PIL image>", lambda: nullcontext(source), max_pixels)  # the caller's to close
+        return quietly("<array>", lambda: _decoded_array(source, max_pixels), tiff=False, max_pixels=max_pixels)
+    if isinstance(source, Image.Image):  # the caller's to close; decoded in place if still lazy
+        check_pil_image("<PIL image>", source)
+        return quietly("<PIL image>", lambda: decode_opened("<PIL image>", source, max_pixels),
+                       tiff=source.format == "TIFF", max_pixels=max_pixels)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        return _decode("<bytes>", lambda: Image.open(io.BytesIO(data)), max_pixels)
+        return decode_file("<bytes>", io.BytesIO(bytes(source)), max_pixels, keep_at_least)
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            reason = "is not a file" if path.exists() else "no such file"
-            raise ImageError(f"{path}: {reason}")
-        return _decode(str(path), lambda: Image.open(path), max_pixels)
+        with open_image_file(source) as fp:
+            return decode_file(display_name(source), fp, max_pixels, keep_at_least)
     raise ImageError(f"cannot read an image from a {type(source).__name__}: pass a path, bytes, "
                      "a PIL image or a numpy array")
 
 
-def _decode(name: str, opener: Callable[[], AbstractContextManager[Image.Image]],
-            max_pixels: int | None) -> Image.Image:
-    """Open, size-check, fully decode and normalise one image, turning every failure into ImageError."""
-    try:
-        with warnings.catch_warnings():
-            # Our own limit decides; Pillow's warning zone (89-179 MP) would only add noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with opener() as image:
-                _check_pixel_count(name, image.size, max_pixels)
-                image.load()  # decode everything here, so a truncated file fails now and not later
-                return _to_rgb(ImageOps.exif_transpose(image))
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as exc:  # Pillow's hard limit, hit while reading the header
-        pillow = str(exc).rstrip(".")
-        ours = "" if max_pixels is None else f"; pixtral-cpp's limit is {max_pixels:,} pixels"
-        raise ImageError(f"{name}: refusing to decode a possible decompression bomb ({pillow}{ours})"
-                         ) from exc
-    except UnidentifiedImageError as exc:
-        raise ImageError(f"{name}: not an image format Pillow can read (empty, corrupt or not an "
-                         "image)") from exc
-    except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise OSError, ValueError,
-        # SyntaxError, EOFError, struct.error, zlib.error, MemoryError... for malformed input.
-        raise ImageError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from exc
-
-
-def _check_pixel_count(name: str, size: tuple[int, int], max_pixels: int | None) -> None:
-    width, height = size
-    if width < 1 or height < 1:
-        raise ImageError(f"{name}: image has no pixels ({width}x{height})")
-    if max_pixels is not None and width * height > max_pixels:
-        raise ImageError(f"{name}: image is {width}x{height} = {width * height:,} pixels, over the limit "
-                         f"of {max_pixels:,} (raise max_pixels if you trust this image)")
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB; transparent areas become white like mistral-common's _convert_to_rgb."""
-    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
-        image = Image.fromarray(_to_uint8(np.asarray(image)))
-    if image.has_transparency_data:
-        rgba = image.convert("RGBA")
-        # mistral-common pastes RGBA onto white with the alpha as mask; same call, same rounding.
-        background = Image.new("RGBA", rgba.size, "white")
-        background.paste(rgba, (0, 0), rgba)
-        return background.convert("RGB")
-    return image.convert("RGB")  # a copy even for RGB, so the result never shares the caller's image
-
-
-def _to_uint8(samples: np.ndarray) -> np.ndarray:
-    """8-bit samples: uint8 as is, bool as 0/255, float as 0..1 (clipped), other integers as 16-bit.
-
-    Pillow's I;16 and I modes hold 16-bit PNG/TIFF samples, so they are scaled by 1/257 (65535 -> 255)
-    where Pillow's own convert("L") would clip everything above 255 to white.
-    """
-    if samples.dtype == np.uint8:
-        return samples
-    if samples.dtype == np.bool_:
-        return samples.astype(np.uint8) * 255
-    if samples.dtype.kind in "ui":
-        wide = np.clip(samples.astype(np.int64), 0, 65535)
-        return ((wide * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257): 65535 -> 255
-    if samples.dtype.kind == "f":
-        if not np.isfinite(samples).all():
-            raise ImageError("image array contains NaN or infinite values")
-        return np.rint(np.clip(samples.astype(np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
-    raise ImageError(f"unsupported image array dtype {samples.dtype}: use uint8, uint16, bool or float")
+def _decoded_array(array: np.ndarray, max_pixels: int | None) -> Decoded:
+    image = to_rgb(_image_from_array(array, max_pixels))
+    return Decoded(image, image.size)
 
 
 def _image_from_array(array: np.ndarray, max_pixels: int | None) -> Image.Image:
@@ -221,8 +175,8 @@ def _image_from_array(array: np.ndarray, max_pixels: int | None) -> Image.Image:
         # guessing its range would silently darken or saturate the image.
         raise ImageError(f"unsupported image array dtype {array.dtype}: use uint8 (0..255), uint16 "
                          "(0..65535), bool, or float (0..1)")
-    _check_pixel_count("<array>", (array.shape[1], array.shape[0]), max_pixels)
-    samples = _to_uint8(array)
+    check_pixel_count("<array>", (array.shape[1], array.shape[0]), max_pixels)
+    samples = to_uint8(array)
     if channels == 1:
         samples = samples.reshape(array.shape[:2])
     image = Image.fromarray(np.ascontiguousarray(samples))
@@ -235,13 +189,28 @@ def _image_from_array(array: np.ndarray, max_pixels: int | None) -> Image.Image:
 
 
 def prepare_image(source: ImageSource, *, max_image_size: int = MAX_IMAGE_SIZE,
-                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> PreparedImage:
-    """Load an image and stretch it to Pixtral's patch grid exactly as mistral-common does."""
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS, reduce_while_decoding: bool = False) -> PreparedImage:
+    """Load an image and stretch it to Pixtral's patch grid exactly as mistral-common does.
+
+    `reduce_while_decoding` (off by default: the library and CLI stay exact) lets a JPEG decode at the
+    coarsest DCT scale (1/2, 1/4, 1/8) that keeps each side at least twice the final grid: less memory
+    and time for huge photos, the same geometry and token count (taken from the file's own size), and
+    pixels close to the exact path. Measured in REDUCTION_FIGURES below.
+    """
     check_max_image_size(max_image_size)
-    image = load_image(source, max_pixels=max_pixels)
-    geometry = pixtral_geometry(image.width, image.height, max_image_size)
-    pixels = resize_bicubic(np.asarray(image), geometry.size)
+    keep = _reduction_floor(max_image_size) if reduce_while_decoding else None
+    loaded = _load(source, max_pixels, keep)
+    geometry = pixtral_geometry(*loaded.original_size, max_image_size)
+    pixels = resize_bicubic(np.asarray(loaded.image), geometry.size)
     return PreparedImage(pixels=pixels, geometry=geometry)
+
+
+def _reduction_floor(max_image_size: int) -> Callable[[int, int], tuple[int, int]]:
+    """For an upright width x height: the size each side must keep while decoding, twice the grid."""
+    def floor(width: int, height: int) -> tuple[int, int]:
+        grid_width, grid_height = pixtral_geometry(width, height, max_image_size).size
+        return REDUCTION_MARGIN * grid_width, REDUCTION_MARGIN * grid_height
+    return floor
 
 
 def resize_bicubic(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -311,25 +311,28 @@ def test_truncated_jpeg(tmp_path: Path) -> None:
         load_image(path)
 
 
-@pytest.mark.parametrize("content", [
-    np.random.default_rng(3).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
-    b"",
-    b"A plain text file, not an image.\n",
-    b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n",
+@pytest.mark.parametrize("content, message", [
+    (np.random.default_rng(3).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+     r"not an image format pixtral-cpp decodes \(PNG, JPEG, WebP, GIF, BMP, TIFF"),
+    (b"", "empty, not an image"),
+    (b"A plain text file, not an image.\n", "not an image format pixtral-cpp decodes"),
+    (b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n",
+     "PDF is not an accepted image format; pixtral-cpp decodes PNG, JPEG, WebP, GIF, BMP, TIFF"),
+    (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "corrupt image: its header cannot be read"),
 ])
-def test_not_an_image(tmp_path: Path, content: bytes) -> None:
+def test_not_an_image(tmp_path: Path, content: bytes, message: str) -> None:
     path = tmp_path / "file.bin"
     path.write_bytes(content)
-    with pytest.raises(ImageError, match=r"file\.bin: not an image format Pillow can read"):
+    with pytest.raises(ImageError, match=r"file\.bin: " + message):
         load_image(path)
-    with pytest.raises(ImageError, match=r"^<bytes>: not an image format"):
+    with pytest.raises(ImageError, match=r"^<bytes>: " + message):
         load_image(content)
 
 
 def test_missing_path_and_folder(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match=r"nope\.png: no such file"):
         load_image(tmp_path / "nope.png")
-    with pytest.raises(ImageError, match="is not a file"):
+    with pytest.raises(ImageError, match="is a folder, not an image file"):
         prepare_image(str(tmp_path))
 
 
