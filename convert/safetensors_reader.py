@@ -7,14 +7,17 @@ no bfloat16) and is widened to float32 only where a conversion needs it.
 
 from __future__ import annotations
 
-import json
+import math
 import mmap
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pixtral_cpp.convert.json_files import brief, parse_json
 
 from pixtral_cpp.errors import TensorError
 
@@ -25,6 +28,7 @@ _STORAGE = {
     "BF16": np.dtype("<u2"),  # raw bits; see widen_to_float32
 }
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
+_MAX_DIMS = 8  # no Pixtral tensor has more than 4; numpy refuses more than 64
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class TensorInfo:
 
     @property
     def num_elements(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)
 
 
 class SafetensorsFile:
@@ -94,8 +98,12 @@ class SafetensorsFile:
 
 
 def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check the header; nothing beyond its (bounded) bytes is read."""
     try:
-        size = path.stat().st_size
+        info = os.stat(path)  # before open(): opening a FIFO would block
+        if not stat.S_ISREG(info.st_mode):
+            raise TensorError(f"{path}: not a regular file")
+        size = info.st_size
         with open(path, "rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
@@ -104,34 +112,75 @@ def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             if header_len > min(_MAX_HEADER_BYTES, size - 8):
                 raise TensorError(f"{path}: not a safetensors file, or truncated "
                                   f"(header of {header_len} bytes in a file of {size} bytes)")
-            header = json.loads(f.read(header_len).decode("utf-8"))
+            raw = f.read(header_len)
     except OSError as exc:
         raise TensorError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TensorError(f"{path}: corrupt safetensors header ({exc})") from None
+    header = parse_json(raw, f"{path}: corrupt safetensors header", TensorError)
     if not isinstance(header, dict):
         raise TensorError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = _metadata(path, header.pop("__metadata__", None))
     data_start = 8 + header_len
     tensors = {name: _tensor_info(path, name, entry, data_start, size) for name, entry in header.items()}
+    _check_tiling(path, tensors, data_start, size)
     return tensors, metadata
 
 
+def _metadata(path: Path, value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise TensorError(f"{path}: corrupt safetensors header: __metadata__ must map strings to strings, "
+                          f"got {brief(value)}")
+    return value
+
+
+def _quoted(name: str) -> str:
+    """A tensor name as error messages show it: quoted, and escaped and cut when it is not plain."""
+    return f"'{name}'" if name.isprintable() and len(name) <= 200 else brief(name, 200)
+
+
+def _is_int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
 def _tensor_info(path: Path, name: str, entry: Any, data_start: int, file_size: int) -> TensorInfo:
-    try:
-        dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-    except (KeyError, TypeError, ValueError):
-        raise TensorError(f"{path}: tensor '{name}' has a malformed header entry: {entry!r}") from None
-    if dtype not in _STORAGE:
-        raise TensorError(f"{path}: tensor '{name}' has dtype {dtype}; expected one of {sorted(_STORAGE)}")
-    expected = int(np.prod(shape, dtype=np.int64)) * _STORAGE[dtype].itemsize
-    if end - begin != expected or begin < 0:
-        raise TensorError(f"{path}: tensor '{name}' spans {end - begin} bytes; shape {list(shape)} "
-                          f"of {dtype} needs {expected}")
+    where = f"{path}: tensor {_quoted(name)}"
+    if not isinstance(entry, dict):
+        raise TensorError(f"{where} has a malformed header entry: {brief(entry)}")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _STORAGE:
+        raise TensorError(f"{where} has dtype {brief(dtype)}; expected one of {sorted(_STORAGE)}")
+    # 2.5, "5", true and 1e999 (inf) are no dimension; Python ints cannot overflow in the product below.
+    if not _is_int_list(shape) or len(shape) > _MAX_DIMS or any(d < 0 for d in shape):
+        raise TensorError(f"{where} has shape {brief(shape)}; expected a list of at most {_MAX_DIMS} "
+                          f"non-negative integers")
+    if not _is_int_list(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
+        raise TensorError(f"{where} has data_offsets {brief(offsets)}; expected [begin, end] with "
+                          f"0 <= begin <= end")
+    begin, end = offsets
     if data_start + end > file_size:
-        raise TensorError(f"{path}: truncated: tensor '{name}' ends at byte {data_start + end} "
+        raise TensorError(f"{path}: truncated: tensor {_quoted(name)} ends at byte {data_start + end} "
                           f"but the file has {file_size} bytes (re-download it)")
-    return TensorInfo(name, dtype, shape, path, data_start + begin, expected)
+    expected = math.prod(shape) * _STORAGE[dtype].itemsize
+    if end - begin != expected:
+        raise TensorError(f"{where} spans {end - begin} bytes; shape {brief(shape)} of {dtype} needs {expected}")
+    return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, expected)
+
+
+def _check_tiling(path: Path, tensors: dict[str, TensorInfo], data_start: int, file_size: int) -> None:
+    """The format's rule: tensors cover the data area exactly, without overlaps or holes (no polyglot files)."""
+    cursor, previous = data_start, None
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.nbytes)):
+        if info.start < cursor:
+            raise TensorError(f"{path}: tensor {_quoted(info.name)} overlaps tensor {_quoted(previous or '')} "
+                              f"(corrupt header)")
+        if info.start > cursor:
+            raise TensorError(f"{path}: bytes {cursor - data_start}..{info.start - data_start} of the data "
+                              f"belong to no tensor (corrupt header, before tensor {_quoted(info.name)})")
+        cursor, previous = info.start + info.nbytes, info.name
+    if cursor != file_size:
+        raise TensorError(f"{path}: {file_size - cursor} bytes after the last tensor belong to no tensor "
+                          f"(corrupt or not a safetensors file)")
 
 
 def widen_to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:

@@ -38,15 +38,34 @@ def assert_no_output(out: Path) -> None:
     assert not out.exists() or list(out.iterdir()) == [], f"left behind: {list(out.iterdir())}"
 
 
-def _rewrite_header(path: Path, edit) -> None:
-    """Rewrite a safetensors header in place, keeping the data bytes."""
+def _rewrite_header(path: Path, edit, extra_data: bytes = b"") -> None:
+    """Rewrite a safetensors header in place, keeping the data bytes (and appending `extra_data`)."""
     blob = path.read_bytes()
     (n,) = struct.unpack("<Q", blob[:8])
     header = json.loads(blob[8:8 + n])
     edit(header)
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + blob[8 + n:])
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + blob[8 + n:] + extra_data)
+
+
+def _drop_tensor(path: Path, name: str) -> None:
+    """Remove a tensor and its bytes, as a checkpoint written without it would be."""
+    blob = path.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header, data = json.loads(blob[8:8 + n]), blob[8 + n:]
+    begin, end = header.pop(name)["data_offsets"]
+    for entry in header.values():
+        if "data_offsets" in entry and entry["data_offsets"][0] >= end:
+            entry["data_offsets"] = [offset - (end - begin) for offset in entry["data_offsets"]]
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[:begin] + data[end:])
+
+
+def _data_size(path: Path) -> int:
+    (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+    return path.stat().st_size - 8 - n
 
 
 def test_missing_tokenizer(native_copy, tmp_path):
@@ -82,18 +101,20 @@ def test_not_a_safetensors_file(native_copy, tmp_path):
 
 
 def test_unknown_tensor(native_copy, tmp_path):
-    def add_unknown(header):
-        entry = dict(header["norm.weight"])
-        header["layers.0.attention.wq.bias"] = entry  # shares bytes; the name is what matters
+    weights = native_copy / "consolidated.safetensors"
+    end = _data_size(weights)
 
-    _rewrite_header(native_copy / "consolidated.safetensors", add_unknown)
+    def add_unknown(header):
+        header["layers.0.attention.wq.bias"] = {"dtype": "F32", "shape": [4], "data_offsets": [end, end + 16]}
+
+    _rewrite_header(weights, add_unknown, extra_data=bytes(16))
     with pytest.raises(TensorError, match=r"unknown tensor.*layers\.0\.attention\.wq\.bias"):
         _convert(native_copy, tmp_path / "out")
     assert_no_output(tmp_path / "out")
 
 
 def test_missing_tensor(native_copy, tmp_path):
-    _rewrite_header(native_copy / "consolidated.safetensors", lambda h: h.pop("layers.1.feed_forward.w2.weight"))
+    _drop_tensor(native_copy / "consolidated.safetensors", "layers.1.feed_forward.w2.weight")
     with pytest.raises(TensorError, match=r"'layers\.1\.feed_forward\.w2\.weight' \(for GGUF blk\.1\.ffn_down"):
         _convert(native_copy, tmp_path / "out")
     assert_no_output(tmp_path / "out")
