@@ -9,8 +9,10 @@ the batch's only state:
 - An image counts as done when the file holds a record for its path *and the same prompt*, so
   one file can collect the answers of several prompts, and a re-run with the same prompt describes
   only what is missing. Failed images are done too (their record holds the error): the failures
-  recorded are properties of the file (corrupt, not an image), so retrying gives the same error.
-  To retry one, delete its line.
+  recorded are properties of the file (corrupt, not an image), so retrying unchanged gives the same
+  error. After fixing the files, `retry_failed=True` (`--retry-failed`) tries the images whose
+  latest record for the prompt is an error again; the new record is appended and, when reading, the
+  latest record of a path and prompt is the one that counts. Nothing is ever rewritten in place.
 - Records are appended one complete line per write, flushed and fsynced, so an interruption
   (Ctrl-C, kill, power loss) loses at most the image in progress. A partial last line left by an
   interrupted write is cut off on the next run; a complete line that is not a record is an error,
@@ -72,6 +74,7 @@ class BatchSummary:
     skipped_already_done: int  # found in the output file with the same prompt
     failed: int  # recorded with an error in this run
     seconds: float
+    retried: int = 0  # of this run's images, those whose earlier record was an error (retry_failed)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -112,8 +115,10 @@ def _expand(path: Path, recursive: bool) -> list[Path]:
 def run_batch(model: PixtralModel, images: Iterable[str | os.PathLike[str]],
               out_path: str | os.PathLike[str], *, prompt: str = DEFAULT_PROMPT,
               generation: GenerationOptions | None = None,
-              on_progress: Callable[[BatchProgress], None] | None = None) -> BatchSummary:
-    """Describe each image not yet in `out_path` for this prompt, appending one record per image.
+              on_progress: Callable[[BatchProgress], None] | None = None,
+              retry_failed: bool = False) -> BatchSummary:
+    """Describe each image not yet in `out_path` for this prompt, appending one record per image;
+    with `retry_failed`, also those whose latest record for this prompt is an error.
 
     A KeyboardInterrupt (also one raised by on_progress) propagates after the last finished record
     is safely on disk. Errors other than ImageError stop the batch (see the module docstring).
@@ -123,8 +128,9 @@ def run_batch(model: PixtralModel, images: Iterable[str | os.PathLike[str]],
     report = on_progress or (lambda _: None)
     unique = _unique_absolute(images)
     with _RecordFile(Path(out_path)) as output:
-        done = output.done_paths(prompt)
+        done, failed_before = output.done_paths(prompt, retry_failed)
         pending = [path for resolved, path in unique.items() if resolved not in done]
+        retried = sum(resolved in failed_before for resolved in unique if resolved not in done)
         skipped, described, failed = len(unique) - len(pending), 0, 0
         report(BatchProgress(0, len(pending), skipped, None))
         for n, path in enumerate(pending, 1):
@@ -133,7 +139,7 @@ def run_batch(model: PixtralModel, images: Iterable[str | os.PathLike[str]],
             described += record.error is None
             failed += record.error is not None
             report(BatchProgress(n, len(pending), skipped, record))
-    return BatchSummary(described, skipped, failed, time.monotonic() - started)
+    return BatchSummary(described, skipped, failed, time.monotonic() - started, retried)
 
 
 def _unique_absolute(images: Iterable[str | os.PathLike[str]]) -> dict[Path, Path]:
@@ -141,8 +147,17 @@ def _unique_absolute(images: Iterable[str | os.PathLike[str]]) -> dict[Path, Pat
     unique: dict[Path, Path] = {}
     for image in images:
         path = Path(image).absolute()
-        unique.setdefault(path.resolve(), path)
+        unique.setdefault(_resolved(path), path)
     return unique
+
+
+def _resolved(path: Path) -> Path:
+    """The resolved path, or the path itself where it cannot be resolved (a symlink loop, a NUL in
+    the name): describing it then records the problem like any other unreadable image."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError, ValueError):
+        return path
 
 
 def _describe_one(model: PixtralModel, path: Path, prompt: str, generation: GenerationOptions) -> BatchRecord:
@@ -168,7 +183,8 @@ class _RecordFile:
             raise OutputError(f"cannot write {path}: the folder {path.parent} does not exist")
         self.path = path
         self._fd = -1
-        self._keys: list[tuple[str, str]] = []  # (path, prompt) of each record; answers stay on disk
+        # (path, prompt) -> whether the latest record of that pair is an error; answers stay on disk
+        self._latest: dict[tuple[str, str], bool] = {}
 
     def __enter__(self) -> _RecordFile:
         created = not self.path.exists()
@@ -181,7 +197,7 @@ class _RecordFile:
             _lock(self._fd, self.path)
             if created:
                 _fsync_folder(self.path.parent)
-            self._keys = self._read_and_repair()
+            self._latest = self._read_and_repair()
         except BaseException:
             os.close(self._fd)
             raise
@@ -190,8 +206,13 @@ class _RecordFile:
     def __exit__(self, *exc: object) -> None:
         os.close(self._fd)  # also releases the lock
 
-    def done_paths(self, prompt: str) -> set[Path]:
-        return {Path(path).resolve() for path, asked in self._keys if asked == prompt}
+    def done_paths(self, prompt: str, retry_failed: bool = False) -> tuple[set[Path], set[Path]]:
+        """(resolved paths done for `prompt`, those of them whose latest record is an error); with
+        `retry_failed` the failed ones are not done."""
+        latest = {(_resolved(Path(path)), failed) for (path, asked), failed in self._latest.items() if asked == prompt}
+        failed = {path for path, is_error in latest if is_error}
+        done = {path for path, is_error in latest if not (is_error and retry_failed)}
+        return done, failed
 
     def append(self, record: BatchRecord) -> None:
         line = memoryview(record.to_line())
@@ -202,11 +223,12 @@ class _RecordFile:
         except OSError as exc:  # a partial line is cut off by the next run, like an interruption
             raise OutputError(f"cannot write to {self.path}: {exc.strerror}; the records before this one "
                               "are safe, run the batch again to resume") from exc
+        _note(self._latest, record.path, record.prompt, record.error)
 
-    def _read_and_repair(self) -> list[tuple[str, str]]:
-        """(path, prompt) of the records already written; a partial last line (an interrupted write)
-        is cut off."""
-        keys: list[tuple[str, str]] = []
+    def _read_and_repair(self) -> dict[tuple[str, str], bool]:
+        """(path, prompt) -> failed, of the records already written, the latest record of a pair
+        winning; a partial last line (an interrupted write) is cut off."""
+        keys: dict[tuple[str, str], bool] = {}
         end_of_complete = 0  # byte offset just after the last complete line
         with open(self.path, "rb") as handle:
             for number, line in enumerate(handle, 1):
@@ -215,7 +237,7 @@ class _RecordFile:
                     if tail is None:  # cut mid-record: that image is simply done again
                         os.ftruncate(self._fd, end_of_complete)
                     else:  # cut just before its newline (or an editor dropped it): keep it whole
-                        keys.append((tail["path"], tail["prompt"]))
+                        _note(keys, tail["path"], tail["prompt"], tail.get("error"))
                         os.write(self._fd, b"\n")
                     os.fsync(self._fd)
                     break
@@ -226,9 +248,12 @@ class _RecordFile:
                 if record is None:
                     raise OutputError(f"{self.path} line {number} is not a batch record ({line[:60]!r}); "
                                       "fix or remove that line, or write to another file")
-                keys.append((record["path"], record["prompt"]))
+                _note(keys, record["path"], record["prompt"], record.get("error"))
         return keys
 
+
+def _note(latest: dict[tuple[str, str], bool], path: str, prompt: str, error: object) -> None:
+    latest[(path, prompt)] = error is not None  # a later record replaces an earlier one
 
 def _parse_record(line: bytes) -> dict[str, Any] | None:
     try:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +18,13 @@ from pixtral_cpp import __version__
 from pixtral_cpp.cli_format import format_pair_info
 from pixtral_cpp.cli_options import ModelArgs, load_model, model_options
 from pixtral_cpp.errors import PixtralError
+from pixtral_cpp.valid_text import check_text
 
 RAISE_ENV = "PIXTRAL_CPP_RAISE_ERRORS"  # set to 1 to see full tracebacks
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwound like Ctrl-C so the same cleanup runs (a chat stops instead of going on)."""
 
 
 class _Group(click.Group):
@@ -28,16 +37,43 @@ class _Group(click.Group):
             if os.environ.get(RAISE_ENV):
                 raise
             raise click.ClickException(str(exc)) from exc
-        except KeyboardInterrupt:
-            raise click.ClickException("interrupted; nothing half-written was left behind") from None
+        except KeyboardInterrupt as exc:
+            by = " by SIGTERM" if isinstance(exc, Terminated) else ""
+            raise click.ClickException(f"interrupted{by}; nothing half-written was left behind") from None
 
 
 @click.group(cls=_Group)
 @click.version_option(__version__, prog_name="pixtral-cpp")
 @click.option("-v", "--verbose", is_flag=True, help="Show what the library and llama.cpp log.")
-def main(verbose: bool) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
     """Run Mistral's Pixtral 12B on llama.cpp: convert checkpoints, describe images, chat."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    _tolerate_odd_text_streams()
+    if ctx.invoked_subcommand != "serve":  # uvicorn shuts down gracefully on SIGTERM by itself
+        _interrupt_on_sigterm(ctx)
+
+
+def _tolerate_odd_text_streams() -> None:
+    """An answer the terminal cannot encode (LANG=C, PYTHONIOENCODING=ascii) is printed with \\x escapes
+    instead of ending in a traceback; undecodable input arrives surrogate-escaped, so a chat refuses that
+    one line (pixtral_cpp.valid_text) and goes on, and a file name typed after /image stays exact."""
+    for stream, errors in ((sys.stdout, "backslashreplace"), (sys.stdin, "surrogateescape")):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors=errors)
+
+
+def _interrupt_on_sigterm(ctx: click.Context) -> None:
+    """SIGTERM (kill, a service manager) unwinds like Ctrl-C, so the library's cleanup runs: convert
+    removes its .partial files, batch leaves its file valid. The handler lasts as long as the command."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may install handlers (e.g. a CliRunner in a worker thread)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 @main.command()
@@ -87,6 +123,7 @@ def describe(ctx: click.Context, images: tuple[str, ...], prompt: str, model_arg
     from pixtral_cpp.options import GenerationOptions
     from pixtral_cpp.results import TextChunk
 
+    check_text(prompt, "the prompt")  # before loading the model
     schema_dict = _read_schema(schema) if schema else None
     generation = GenerationOptions(max_tokens=max_tokens, temperature=temperature, seed=seed,
                                    json_schema=schema_dict)
@@ -107,6 +144,9 @@ def _read_schema(handle: Any) -> dict[str, Any]:
         schema = json.load(handle)
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--schema") from None
+    except UnicodeDecodeError as exc:
+        raise click.BadParameter(f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})",
+                                 param_hint="--schema") from None
     if not isinstance(schema, dict):
         raise click.BadParameter("a JSON schema must be an object", param_hint="--schema")
     return schema
@@ -126,9 +166,21 @@ def chat(ctx: click.Context, images: tuple[str, ...], model_args: ModelArgs, sys
     from pixtral_cpp.cli_chat import run_chat
     from pixtral_cpp.options import GenerationOptions
 
+    if system is not None:
+        check_text(system, "the system prompt")  # before loading the model
     generation = GenerationOptions(max_tokens=max_tokens, temperature=temperature, seed=seed)
     with load_model(ctx, model_args) as pixtral:
-        run_chat(pixtral, list(images), generation, system, read_line=lambda: input("> "))
+        run_chat(pixtral, list(images), generation, system, read_line=_read_line)
+
+
+def _read_line() -> str:
+    """A line typed at the terminal (with line editing), or read from a pipe without '> ' in the output."""
+    if sys.stdin.isatty():
+        return input("> ")
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\r\n")
 
 
 @main.command()

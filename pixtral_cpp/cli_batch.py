@@ -17,6 +17,8 @@ from pixtral_cpp.cli_progress import TerminalProgress
 @click.option("-p", "--prompt", default="Describe this image in detail.", show_default=True,
               help="Asked of each image on its own (an image counts as done only for the same prompt).")
 @click.option("-r", "--recursive", is_flag=True, help="Look for images in sub-folders too.")
+@click.option("--retry-failed", is_flag=True,
+              help="Try again the images whose record for this prompt is an error (after fixing them).")
 @model_options
 @click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.3, show_default=True)
@@ -24,15 +26,19 @@ from pixtral_cpp.cli_progress import TerminalProgress
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def batch(ctx: click.Context, inputs: tuple[str, ...], out: Path, prompt: str, recursive: bool,
-          model_args: ModelArgs, max_tokens: int, temperature: float, seed: int | None, quiet: bool) -> None:
+          retry_failed: bool, model_args: ModelArgs, max_tokens: int, temperature: float, seed: int | None,
+          quiet: bool) -> None:
     """Describe each image of INPUTS (folders, image files) on its own: one JSON line per image.
 
     Unreadable images are recorded with their error and the batch goes on; exit code 0 unless every
     image tried failed. Interrupt at any time: running the same command again finishes the rest.
+    Failed images count as done: fix them and add --retry-failed to try them again.
     """
     from pixtral_cpp.batch import BatchProgress, collect_images, run_batch
     from pixtral_cpp.options import GenerationOptions
+    from pixtral_cpp.valid_text import check_text
 
+    check_text(prompt, "the prompt")  # before loading the model
     images = collect_images(inputs, recursive=recursive)  # before loading: a typo fails in a second
     generation = GenerationOptions(max_tokens=max_tokens, temperature=temperature, seed=seed)
     progress = None if quiet else TerminalProgress()
@@ -54,13 +60,19 @@ def batch(ctx: click.Context, inputs: tuple[str, ...], out: Path, prompt: str, r
     with load_model(ctx, model_args, image_cache_size=1) as pixtral:
         try:
             summary = run_batch(pixtral, images, out, prompt=prompt, generation=generation,
-                                on_progress=on_progress)
+                                on_progress=on_progress, retry_failed=retry_failed)
         except KeyboardInterrupt:
             if progress is not None and progress.interactive:
                 click.echo(err=True)  # leave the half-drawn bar on its own line
             raise click.ClickException(f"interrupted after {finished} images; {out} holds every finished "
                                        "one: run the same command again to resume") from None
+    retried = f" ({summary.retried} retried)" if summary.retried else ""
     click.echo(f"{summary.done} described, {summary.skipped_already_done} already done, "
-               f"{summary.failed} failed in {summary.seconds:.1f} s -> {out}")
-    if summary.failed and not summary.done:
-        raise click.ClickException(f"all {summary.failed} images failed; their errors are in {out}")
+               f"{summary.failed} failed{retried} in {summary.seconds:.1f} s -> {out}")
+    if not summary.failed:
+        return
+    images = "1 image" if summary.failed == 1 else f"{summary.failed} images"
+    advice = f"their errors are in {out}; fix them and re-run with --retry-failed"
+    if not summary.done:
+        raise click.ClickException(f"{'the' if summary.failed == 1 else 'all'} {images} failed; {advice}")
+    click.echo(f"{images} failed; {advice}", err=True)

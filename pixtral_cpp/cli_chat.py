@@ -7,11 +7,14 @@ from pathlib import Path
 
 import click
 
+from pixtral_cpp.cli import Terminated
 from pixtral_cpp.conversation import Image, Message, Text
-from pixtral_cpp.errors import PixtralError
+from pixtral_cpp.errors import ImageError, PixtralError
+from pixtral_cpp.images import load_image
 from pixtral_cpp.model import PixtralModel
 from pixtral_cpp.options import GenerationOptions
 from pixtral_cpp.results import GenerationStats, TextChunk
+from pixtral_cpp.valid_text import check_text
 
 HELP = "Commands: /image PATH (attach to your next message), /reset, /quit (or Ctrl-D)."
 
@@ -20,13 +23,11 @@ def run_chat(model: PixtralModel, images: list[str], generation: GenerationOptio
              read_line: Callable[[], str] = input) -> None:
     """Read messages until end of input; each answer streams, and the cache carries over turns."""
     history: list[Message] = [Message("system", (Text(system),))] if system else []
-    pending = [Image(Path(p)) for p in images]
+    pending = [image for path in images for image in _attach(path)]
     click.echo(HELP, err=True)
     while True:
-        try:
-            line = read_line().strip()
-        except EOFError:
-            click.echo("", err=True)
+        line = _next_line(read_line)
+        if line is None:
             return
         if not line:
             continue
@@ -37,26 +38,68 @@ def run_chat(model: PixtralModel, images: list[str], generation: GenerationOptio
             click.echo("(conversation cleared)", err=True)
             continue
         if line.startswith("/image"):
-            pending += _attach(line)
+            pending += _attach(line.removeprefix("/image").strip())
+            continue
+        try:
+            check_text(line, "your message")
+        except PixtralError as exc:
+            click.echo(f"Error: {exc}", err=True)
             continue
         user = Message("user", (*pending, Text(line)))
-        answer = _answer(model, [*history, user], generation)
+        try:
+            answer = _answer(model, [*history, user], generation)
+        except ImageError as exc:
+            click.echo(f"Error: {exc} {_dropped(pending)}", err=True)
+            pending = []  # a bad image would fail every later message too
+            continue
         if answer is not None:
             history += [user, Message("assistant", (Text(answer),))]
             pending = []
 
 
-def _attach(line: str) -> list[Image]:
-    path = Path(line.removeprefix("/image").strip()).expanduser()
+def _next_line(read_line: Callable[[], str]) -> str | None:
+    """The next line, stripped; None at end of input. A line the terminal's encoding cannot decode is
+    reported and skipped (normally such bytes arrive surrogate-escaped and are refused later)."""
+    while True:
+        try:
+            return read_line().strip()
+        except EOFError:
+            click.echo("", err=True)
+            return None
+        except UnicodeDecodeError as exc:
+            click.echo(f"Error: that line is not valid {exc.encoding} text; check your terminal's encoding",
+                       err=True)
+
+
+def _dropped(pending: list[Image]) -> str:
+    if pending:
+        return "(the image was dropped; attach another with /image PATH)" if len(pending) == 1 else \
+            f"(the {len(pending)} images of this message were dropped; attach others with /image PATH)"
+    return "(an image of an earlier message cannot be read any more; /reset to start over)"
+
+
+def _attach(name: str) -> list[Image]:
+    """The image to send with the next message, or nothing when it cannot be read: checked now (one
+    decode, a fraction of a second even for a large photo) so a bad file fails here, not every answer."""
+    if not name:
+        click.echo("Error: /image needs a path, e.g. /image photo.jpg", err=True)
+        return []
+    path = Path(name).expanduser()
     if not path.is_file():
         click.echo(f"Error: no such image: {path}", err=True)
+        return []
+    try:
+        load_image(path).close()
+    except ImageError as exc:
+        click.echo(f"Error: {exc} (not attached)", err=True)
         return []
     click.echo(f"(attached {path.name} to your next message)", err=True)
     return [Image(path)]
 
 
 def _answer(model: PixtralModel, messages: list[Message], generation: GenerationOptions) -> str | None:
-    """Stream one answer; Ctrl-C stops it and keeps what was said. Errors are reported, not fatal."""
+    """Stream one answer; Ctrl-C stops it and keeps what was said. ImageError propagates (the caller
+    drops the image); other errors are reported, not fatal."""
     parts: list[str] = []
     stream = model.stream_chat(messages, generation)
     try:
@@ -66,9 +109,13 @@ def _answer(model: PixtralModel, messages: list[Message], generation: Generation
                 click.echo(chunk.text, nl=False)
             elif isinstance(chunk, GenerationStats):
                 click.echo("")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         stream.close()
         click.echo(" [stopped]")
+        if isinstance(exc, Terminated):
+            raise  # SIGTERM ends the chat; Ctrl-C only this answer
+    except ImageError:
+        raise
     except PixtralError as exc:
         click.echo(f"Error: {exc}", err=True)
         return None
