@@ -71,8 +71,9 @@ def batch(ctx: click.Context, inputs: tuple[str, ...], out: Path, prompt: str, r
                f"{summary.failed} failed{retried} in {summary.seconds:.1f} s -> {out}")
     if not summary.failed:
         return
-    images = "1 image" if summary.failed == 1 else f"{summary.failed} images"
-    advice = f"their errors are in {out}; fix them and re-run with --retry-failed"
+    one = summary.failed == 1
+    advice = (f"{'its error is' if one else 'their errors are'} in {out}; fix {'it' if one else 'them'} and "
+              "re-run with --retry-failed")
     if not summary.done:
-        raise click.ClickException(f"{'the' if summary.failed == 1 else 'all'} {images} failed; {advice}")
-    click.echo(f"{images} failed; {advice}", err=True)
+        raise click.ClickException(f"{'the image' if one else f'all {summary.failed} images'} failed; {advice}")
+    click.echo(f"{summary.failed} image{'' if one else 's'} failed; {advice}", err=True)

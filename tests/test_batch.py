@@ -236,3 +236,58 @@ def test_cli_batch_exit_codes(model_files, folder, tmp_path):
     missing = CliRunner().invoke(main, ["batch", str(tmp_path / "nope"), "--jsonl", str(tmp_path / "o.jsonl")])
     assert missing.exit_code == 1 and "nope: no such file or folder" in missing.output
     assert "Traceback" not in missing.output
+
+
+# -- retrying failed images -------------------------------------------------------------------------------
+
+
+def latest_by_path(records: list[dict]) -> dict[str, dict]:
+    """The record that counts for each path (one prompt): the latest one."""
+    return {Path(r["path"]).name: r for r in records}
+
+
+def test_failed_images_are_retried_only_when_asked(model, folder, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.png", "e-corrupt.png", "f-text.jpg"):
+        (photos / name).write_bytes((folder / name).read_bytes())
+    out = tmp_path / "answers.jsonl"
+    first = run_batch(model, collect_images([photos]), out, prompt=PROMPT, generation=GREEDY_SHORT)
+    assert (first.done, first.failed, first.retried) == (1, 2, 0)
+
+    _save(photos / "e-corrupt.png", (24, 24), 7)  # the user fixes one of the two
+    unchanged = out.read_bytes()
+    plain = run_batch(model, collect_images([photos]), out, prompt=PROMPT, generation=GREEDY_SHORT)
+    assert (plain.done, plain.skipped_already_done, plain.failed) == (0, 3, 0) and out.read_bytes() == unchanged
+
+    retry = run_batch(model, collect_images([photos]), out, prompt=PROMPT, generation=GREEDY_SHORT,
+                      retry_failed=True)
+    assert (retry.done, retry.skipped_already_done, retry.failed, retry.retried) == (1, 1, 1, 2)
+    records = read_records(out)
+    assert out.read_bytes().startswith(unchanged), "append-only: earlier records stay as they were"
+    assert len(records) == 5
+    latest = latest_by_path(records)
+    assert latest["e-corrupt.png"]["answer"] is not None and latest["f-text.jpg"]["error"] is not None
+
+    # the latest record wins: the fixed image is done now, only the still-broken one is tried again
+    again = run_batch(model, collect_images([photos]), out, prompt=PROMPT, generation=GREEDY_SHORT,
+                      retry_failed=True)
+    assert (again.done, again.skipped_already_done, again.failed, again.retried) == (0, 2, 1, 1)
+    # another prompt has its own records: nothing failed for it, everything is new
+    other = run_batch(model, [photos / "a.png"], out, prompt="Colours?", generation=GREEDY_SHORT, retry_failed=True)
+    assert (other.done, other.retried) == (1, 0)
+
+
+def test_cli_batch_says_how_to_retry_and_retries(model_files, folder, tmp_path):
+    out = tmp_path / "out.jsonl"
+    inputs = [str(folder / "a.png"), str(folder / "f-text.jpg")]
+    result = invoke(*inputs, "--jsonl", str(out), "--model", str(model_files[0]))
+    assert result.exit_code == 0, result.output
+    assert "1 image failed; its error is in" in result.output
+    assert "fix it and re-run with --retry-failed" in result.output
+
+    retried = invoke(*inputs, "--jsonl", str(out), "--model", str(model_files[0]), "--retry-failed")
+    assert retried.exit_code == 1, retried.output  # every image tried failed again
+    assert "0 described, 1 already done, 1 failed (1 retried)" in retried.output
+    assert "Error: the image failed; its error is in" in retried.output
+    assert len(read_records(out)) == 3
