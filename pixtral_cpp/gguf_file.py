@@ -3,13 +3,17 @@
 Used to check files before llama.cpp sees them (llama.cpp aborts the process on some bad files)
 and by `info`. gguf-py's GGUFReader builds a numpy view per array element and needs ~12 s for
 Pixtral's 400k-entry vocabulary; this reads the same header in well under a second.
+
+The file is untrusted: every count is checked against the bytes left before anything is read or
+allocated for it (a corrupt array count must not make us walk gigabytes), fixed-size arrays are read
+with numpy in one go, and arrays of arrays are refused (llama.cpp's reader refuses them too).
 """
 
 from __future__ import annotations
 
 import mmap
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +23,19 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from pixtral_cpp.errors import ModelError
 
 GGUF_MAGIC = b"GGUF"
-_SCALARS = {
+GGML_MAX_DIMS = 4  # ggml.h
+GGML_MAX_NAME = 64  # ggml.h: tensor names are stored in a 64-byte field, NUL included
+_INT64_MAX = 2**63 - 1  # ggml's dimensions and element counts are int64_t
+_SCALARS = {  # struct formats; numpy reads the same codes for arrays
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
     GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
     GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
     GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
 }
+_DTYPES = {vtype: np.dtype(fmt) for vtype, fmt in _SCALARS.items()}
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, the smallest value (one byte)
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
+_STRING_LENGTH = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,8 @@ class GGUFHeader:
     value_types: dict[str, GGUFValueType]
     tensors: dict[str, GGUFTensor]
     file_size: int
+    array_types: dict[str, GGUFValueType] = field(default_factory=dict)  # item type of each ARRAY value
+    data_offset: int = 0  # where the tensor data section starts (tensor offsets are absolute already)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
@@ -68,33 +81,62 @@ class GGUFHeader:
         return np.frombuffer(mapped, dtype=np.uint8, count=tensor.nbytes, offset=tensor.offset)
 
 
+class _Corrupt(Exception):
+    """Raised inside the parser; read_gguf_header turns it into one ModelError naming the file."""
+
+
 class _Cursor:
-    def __init__(self, buf: memoryview, path: Path) -> None:
-        self.buf, self.pos, self.path = buf, 0, path
+    def __init__(self, buf: memoryview) -> None:
+        self.buf, self.pos = buf, 0
+
+    @property
+    def left(self) -> int:
+        return len(self.buf) - self.pos
 
     def take(self, fmt: str) -> Any:
         size = struct.calcsize(fmt)
-        if self.pos + size > len(self.buf):
-            raise ModelError(f"{self.path}: truncated GGUF header (re-convert or re-download it)")
+        if size > self.left:
+            raise _Corrupt("truncated")
         (value,) = struct.unpack_from(fmt, self.buf, self.pos)
         self.pos += size
         return value
 
-    def string(self) -> str:
+    def reserve(self, count: int, item_bytes: int, what: str) -> None:
+        """Refuse a count whose items could not fit in the bytes left, before reading any of them."""
+        if count * item_bytes > self.left:
+            raise _Corrupt(f"{what} count {count} needs at least {count * item_bytes} bytes but only "
+                           f"{self.left} are left")
+
+    def string(self, what: str) -> str:
         n = self.take("<Q")
-        if self.pos + n > len(self.buf):
-            raise ModelError(f"{self.path}: truncated GGUF header (re-convert or re-download it)")
+        if n > self.left:
+            raise _Corrupt(f"{what} length {n} is past the end of the file")
         raw = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
-    def value(self, vtype: GGUFValueType) -> Any:
-        if vtype == GGUFValueType.STRING:
-            return self.string()
-        if vtype == GGUFValueType.ARRAY:
-            item_type = GGUFValueType(self.take("<I"))
-            return [self.value(item_type) for _ in range(self.take("<Q"))]
-        return self.take(_SCALARS[vtype])
+    def strings(self, count: int, what: str) -> list[str]:
+        self.reserve(count, _STRING_LENGTH.size, what)
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        unpack = _STRING_LENGTH.unpack_from
+        for _ in range(count):  # the vocabulary: the one loop that must stay tight
+            if pos + 8 > end:
+                raise _Corrupt(f"truncated in {what}")
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if n > end - pos:
+                raise _Corrupt(f"a string in {what} has length {n}, past the end of the file")
+            out.append(str(buf[pos:pos + n], "utf-8", "replace"))
+            pos += n
+        self.pos = pos
+        return out
+
+    def value_type(self, what: str) -> GGUFValueType:
+        raw = self.take("<I")
+        try:
+            return GGUFValueType(raw)
+        except ValueError:
+            raise _Corrupt(f"{what} has unknown value type {raw}") from None
 
 
 def read_gguf_header(path: Path | str) -> GGUFHeader:
@@ -113,38 +155,110 @@ def read_gguf_header(path: Path | str) -> GGUFHeader:
     view = memoryview(mapped)
     try:
         return _parse(view, path, size)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # unknown enums, garbage lengths, nesting
-        raise ModelError(f"{path}: corrupt GGUF header ({exc})") from None
+    except _Corrupt as exc:
+        word = "truncated GGUF header" if str(exc) == "truncated" else f"corrupt GGUF header: {exc}"
+        raise ModelError(f"{path}: {word} (re-convert or re-download it)") from None
     finally:
         view.release()
         mapped.close()
 
 
 def _parse(buf: memoryview, path: Path, size: int) -> GGUFHeader:
-    cur = _Cursor(buf, path)
+    cur = _Cursor(buf)
     cur.pos = 4
-    version, n_tensors, n_kv = cur.take("<I"), cur.take("<Q"), cur.take("<Q")
+    version = cur.take("<I")
     if version not in (2, 3):
         raise ModelError(f"{path}: GGUF version {version} is not supported")
-    metadata, types = {}, {}
-    for _ in range(n_kv):
-        key = cur.string()
-        vtype = GGUFValueType(cur.take("<I"))
-        types[key], metadata[key] = vtype, cur.value(vtype)
-    entries = []
-    for _ in range(n_tensors):
-        name = cur.string()
-        ne = tuple(cur.take("<Q") for _ in range(cur.take("<I")))
-        entries.append((name, ne, GGMLQuantizationType(cur.take("<I")), cur.take("<Q")))
+    n_tensors, n_kv = cur.take("<Q"), cur.take("<Q")
+    cur.reserve(n_kv, _MIN_KV_BYTES, "key-value")
+    cur.reserve(n_tensors, _MIN_TENSOR_INFO_BYTES, "tensor")
+    metadata, types, array_types = _read_metadata(cur, n_kv)
+    entries = [_read_tensor_info(cur) for _ in range(n_tensors)]
     alignment = metadata.get("general.alignment", 32)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+    if "general.alignment" in types and types["general.alignment"] != GGUFValueType.UINT32:
+        raise _Corrupt(f"general.alignment has type {types['general.alignment'].name}, not UINT32")
+    if alignment <= 0 or alignment & (alignment - 1):
         raise ModelError(f"{path}: general.alignment {alignment!r} is not a power of two")
-    if len({name for name, *_ in entries}) != len(entries):
-        raise ModelError(f"{path}: the same tensor name appears twice")
     data_start = -(-cur.pos // alignment) * alignment
-    tensors = {name: GGUFTensor(name, ne, qtype, data_start + off) for name, ne, qtype, off in entries}
-    for t in tensors.values():
+    tensors = _place_tensors(entries, data_start, alignment, size, path)
+    return GGUFHeader(path, version, metadata, types, tensors, size, array_types, data_start)
+
+
+def _read_metadata(cur: _Cursor, n_kv: int) -> tuple[dict[str, Any], dict[str, GGUFValueType], dict[str, Any]]:
+    metadata: dict[str, Any] = {}
+    types: dict[str, GGUFValueType] = {}
+    array_types: dict[str, GGUFValueType] = {}
+    for _ in range(n_kv):
+        key = cur.string("a key")
+        if key in metadata:
+            raise _Corrupt(f"the key {key!r} appears twice")
+        vtype = cur.value_type(f"key {key!r}")
+        types[key] = vtype
+        if vtype == GGUFValueType.ARRAY:
+            array_types[key], metadata[key] = _read_array(cur, key)
+        elif vtype == GGUFValueType.STRING:
+            metadata[key] = cur.string(f"the value of {key!r}")
+        else:
+            metadata[key] = cur.take(_SCALARS[vtype])
+    return metadata, types, array_types
+
+
+def _read_array(cur: _Cursor, key: str) -> tuple[GGUFValueType, list[Any]]:
+    item_type = cur.value_type(f"the items of {key!r}")
+    count = cur.take("<Q")
+    if item_type == GGUFValueType.ARRAY:
+        raise _Corrupt(f"{key!r} is an array of arrays, which llama.cpp cannot read")
+    if item_type == GGUFValueType.STRING:
+        return item_type, cur.strings(count, f"array {key!r}")
+    dtype = _DTYPES[item_type]
+    cur.reserve(count, dtype.itemsize, f"array {key!r} item")
+    items = np.frombuffer(cur.buf, dtype=dtype, count=count, offset=cur.pos)
+    cur.pos += count * dtype.itemsize
+    return item_type, items.tolist()
+
+
+def _read_tensor_info(cur: _Cursor) -> tuple[str, tuple[int, ...], GGMLQuantizationType, int]:
+    name = cur.string("a tensor name")
+    if len(name.encode()) >= GGML_MAX_NAME:
+        raise _Corrupt(f"tensor name {name[:80]!r} is longer than llama.cpp's {GGML_MAX_NAME - 1} bytes")
+    n_dims = cur.take("<I")
+    if n_dims > GGML_MAX_DIMS:
+        raise _Corrupt(f"tensor {name} has {n_dims} dimensions (at most {GGML_MAX_DIMS})")
+    cur.reserve(n_dims, 8, f"tensor {name} dimension")
+    ne = tuple(cur.take("<Q") for _ in range(n_dims))
+    n_elements = 1
+    for dim in ne:
+        n_elements *= dim
+        if dim < 1 or n_elements > _INT64_MAX:
+            raise _Corrupt(f"tensor {name} has shape {list(ne)}: every dimension must be positive and "
+                           f"the element count below 2**63")
+    raw_type = cur.take("<I")
+    try:
+        qtype = GGMLQuantizationType(raw_type)
+        block, _ = GGML_QUANT_SIZES[qtype]
+    except (ValueError, KeyError):
+        raise _Corrupt(f"tensor {name} has unknown tensor type {raw_type}") from None
+    if ne and ne[0] % block:
+        raise _Corrupt(f"tensor {name} of type {qtype.name} has rows of {ne[0]}, not a multiple of {block}")
+    return name, ne, qtype, cur.take("<Q")
+
+
+def _place_tensors(entries: list[tuple[str, tuple[int, ...], GGMLQuantizationType, int]], data_start: int,
+                   alignment: int, size: int, path: Path) -> dict[str, GGUFTensor]:
+    """Tensors with absolute offsets: unique names, aligned, inside the file, not overlapping."""
+    tensors: dict[str, GGUFTensor] = {}
+    for name, ne, qtype, relative in entries:
+        if name in tensors:
+            raise ModelError(f"{path}: the same tensor name appears twice ({name})")
+        if relative % alignment:
+            raise _Corrupt(f"tensor {name} starts at offset {relative}, not a multiple of the alignment {alignment}")
+        tensors[name] = GGUFTensor(name, ne, qtype, data_start + relative)
+    end_of_previous, previous = data_start, None
+    for t in sorted(tensors.values(), key=lambda t: t.offset):
         if t.offset + t.nbytes > size:
             raise ModelError(f"{path}: truncated: tensor {t.name} ends at byte {t.offset + t.nbytes} but the "
                              f"file has {size} bytes (re-convert or re-download it)")
-    return GGUFHeader(path, version, metadata, types, tensors, size)
+        if t.offset < end_of_previous:
+            raise _Corrupt(f"tensor {t.name} overlaps tensor {previous}")
+        end_of_previous, previous = t.offset + t.nbytes, t.name
+    return tensors

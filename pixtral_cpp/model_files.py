@@ -14,6 +14,7 @@ from pathlib import Path
 import gguf
 
 from pixtral_cpp.errors import ModelError
+from pixtral_cpp.gguf_checks import mmproj_problems, text_problems
 from pixtral_cpp.gguf_file import GGUFHeader, read_gguf_header
 from pixtral_cpp.paths import default_models_dir
 
@@ -44,6 +45,7 @@ class TextInfo:
     context_length: int
     vocab_size: int
     rope_freq_base: float
+    problems: tuple[str, ...] = ()  # what llama.cpp would refuse or abort on (gguf_checks)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class VisionInfo:
     patch_size: int
     use_silu: bool
     has_img_break: bool
+    problems: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -133,28 +136,31 @@ def _file_type(header: GGUFHeader) -> str:
         return "unknown"
 
 
+def _number(header: GGUFHeader, key: str, default: int | float = 0) -> int | float:
+    """A numeric metadata value for display; a mistyped one is reported by gguf_checks, shown as the default."""
+    value = header.get(key, default)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
 def read_text_info(path: Path) -> TextInfo:
     header = read_gguf_header(path)
     if header.architecture != "llama":
         raise ModelError(f"{path} is not a Pixtral text model (architecture {header.architecture!r}, "
                          f"expected 'llama'){' — it looks like an mmproj' if header.architecture == 'clip' else ''}")
-    meta = header.metadata
-    required = ("llama.embedding_length", "llama.block_count", "llama.attention.head_count")
-    missing = [k for k in required if k not in meta]
-    if missing:
-        raise ModelError(f"{path} lacks {', '.join(missing)}")
-    heads = meta["llama.attention.head_count"]
+    width, heads = _number(header, "llama.embedding_length"), _number(header, "llama.attention.head_count")
+    tokens = header.get("tokenizer.ggml.tokens", ())
     return TextInfo(
         path=path, size_bytes=header.file_size, file_type=_file_type(header),
         tensor_types=dict(Counter(t.type.name for t in header.tensors.values())),
-        name=meta.get("general.name"), embedding_length=meta["llama.embedding_length"],
-        block_count=meta["llama.block_count"], head_count=heads,
-        head_count_kv=meta.get("llama.attention.head_count_kv", heads),
-        head_dim=meta.get("llama.attention.key_length", meta["llama.embedding_length"] // heads),
-        feed_forward_length=meta.get("llama.feed_forward_length", 0),
-        context_length=meta.get("llama.context_length", 0),
-        vocab_size=len(meta.get("tokenizer.ggml.tokens", ())),
-        rope_freq_base=meta.get("llama.rope.freq_base", 10000.0),
+        name=header.get("general.name"), embedding_length=width,
+        block_count=_number(header, "llama.block_count"), head_count=heads,
+        head_count_kv=_number(header, "llama.attention.head_count_kv", heads),
+        head_dim=_number(header, "llama.attention.key_length", width // heads if heads else 0),
+        feed_forward_length=_number(header, "llama.feed_forward_length"),
+        context_length=_number(header, "llama.context_length"),
+        vocab_size=len(tokens) if isinstance(tokens, list) else 0,
+        rope_freq_base=_number(header, "llama.rope.freq_base", 10000.0),
+        problems=tuple(text_problems(header)),
     )
 
 
@@ -162,25 +168,26 @@ def read_vision_info(path: Path) -> VisionInfo:
     header = read_gguf_header(path)
     if header.architecture != "clip":
         raise ModelError(f"{path} is not an mmproj (architecture {header.architecture!r}, expected 'clip')")
-    meta = header.metadata
     mm2 = header.tensors.get("mm.2.weight")
+    projector = header.get("clip.projector_type")
     return VisionInfo(
         path=path, size_bytes=header.file_size, file_type=_file_type(header),
-        projector_type=meta.get("clip.projector_type"),
-        output_embedding_length=int(mm2.ne[1]) if mm2 is not None else 0,
-        embedding_length=meta.get("clip.vision.embedding_length", 0),
-        block_count=meta.get("clip.vision.block_count", 0),
-        head_count=meta.get("clip.vision.attention.head_count", 0),
-        image_size=meta.get("clip.vision.image_size", 0), patch_size=meta.get("clip.vision.patch_size", 0),
-        use_silu=bool(meta.get("clip.use_silu", False)),
+        projector_type=projector if isinstance(projector, str) else None,
+        output_embedding_length=int(mm2.ne[-1]) if mm2 is not None else 0,
+        embedding_length=_number(header, "clip.vision.embedding_length"),
+        block_count=_number(header, "clip.vision.block_count"),
+        head_count=_number(header, "clip.vision.attention.head_count"),
+        image_size=_number(header, "clip.vision.image_size"), patch_size=_number(header, "clip.vision.patch_size"),
+        use_silu=header.get("clip.use_silu") is True,
         has_img_break="v.token_embd.img_break" in header.tensors,
+        problems=tuple(mmproj_problems(header)),
     )
 
 
 def inspect_pair(files: ModelFiles) -> PairInfo:
     """Both files' facts and every reason they would not work together."""
     text, vision = read_text_info(files.text), read_vision_info(files.mmproj)
-    problems = []
+    problems = [*text.problems, *vision.problems]
     if vision.projector_type != "pixtral":
         problems.append(f"{files.mmproj.name} is a {vision.projector_type!r} projector, not Pixtral's")
     if vision.output_embedding_length != text.embedding_length:

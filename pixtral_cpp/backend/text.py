@@ -291,7 +291,12 @@ class TextModel:
         ptr = self._llama.llama_get_logits_ith(ctx, -1) if n_rows == 1 else self._llama.llama_get_logits(ctx)
         if not ptr:
             raise BackendError("llama.cpp returned no logits")
-        return np.ctypeslib.as_array(ptr, shape=(n_rows, self.n_vocab)).copy()
+        logits = np.ctypeslib.as_array(ptr, shape=(n_rows, self.n_vocab)).copy()
+        # A weight full of NaN passes every header check; sampling from NaN gives an empty answer, not an error.
+        if not np.isfinite(logits).all():
+            raise ModelError(f"the model produced NaN/infinite logits: {self.path} is probably corrupt; "
+                             "re-convert or re-download it")
+        return logits
 
 
 class _ProgressRelay:

@@ -8,7 +8,6 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import gguf
 import numpy as np
@@ -16,6 +15,7 @@ import numpy as np
 from pixtral_cpp.backend._native import bindings, is_gguf, last_native_error
 from pixtral_cpp.backend.text import FLASH_ATTN, TextModel
 from pixtral_cpp.errors import BackendError, ImageError, ModelError
+from pixtral_cpp.gguf_file import read_gguf_header
 
 IMG_BREAK_TENSOR = "v.token_embd.img_break"
 IMG_END_TOKEN = "[IMG_END]"
@@ -181,24 +181,21 @@ def _read_mmproj(path: Path, n_embd: int) -> _MmprojInfo:
     """Check the mmproj is Pixtral's and read the patch size and the [IMG_BREAK] vector once."""
     if not path.is_file() or not is_gguf(path):
         raise ModelError(f"mmproj {path} does not exist or is not a GGUF file")
-    reader = gguf.GGUFReader(path)
-    projector = _field(reader, gguf.Keys.Clip.PROJECTOR_TYPE)
+    header = read_gguf_header(path)
+    projector = header.get(gguf.Keys.Clip.PROJECTOR_TYPE)
     if projector != "pixtral":
         raise ModelError(f"{path} has projector type {projector!r}, not 'pixtral'")
-    tensor = next((t for t in reader.tensors if t.name == IMG_BREAK_TENSOR), None)
+    patch_size = header.get(gguf.Keys.ClipVision.PATCH_SIZE)
+    if type(patch_size) is not int or patch_size <= 0:
+        raise ModelError(f"{path}: {gguf.Keys.ClipVision.PATCH_SIZE} is {patch_size!r}, not a positive integer")
+    tensor = header.tensors.get(IMG_BREAK_TENSOR)
     if tensor is None:
         raise ModelError(f"{path} lacks the tensor {IMG_BREAK_TENSOR}; reconvert it with pixtral-cpp")
-    vector = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32).reshape(-1)
+    raw = header.tensor_data(IMG_BREAK_TENSOR)
+    vector = gguf.quants.dequantize(raw, tensor.type).astype(np.float32).reshape(-1)
     if vector.shape != (n_embd,) or not np.isfinite(vector).all():
         raise ModelError(f"{IMG_BREAK_TENSOR} in {path} has {vector.size} values (need {n_embd}, all finite)")
-    return _MmprojInfo(int(_field(reader, gguf.Keys.ClipVision.PATCH_SIZE)), vector)
-
-
-def _field(reader: gguf.GGUFReader, key: str) -> Any:
-    field = reader.get_field(key)
-    if field is None:
-        raise ModelError(f"{reader.data.filename} lacks the metadata key {key}")
-    return field.contents()
+    return _MmprojInfo(patch_size, vector)
 
 
 Segment = Sequence[int] | np.ndarray
