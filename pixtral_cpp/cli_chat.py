@@ -9,7 +9,7 @@ import click
 
 from pixtral_cpp.cli import Terminated
 from pixtral_cpp.conversation import Image, Message, Text
-from pixtral_cpp.errors import ImageError, PixtralError
+from pixtral_cpp.errors import ContextLengthError, ImageError, PixtralError
 from pixtral_cpp.images import load_image
 from pixtral_cpp.model import PixtralModel
 from pixtral_cpp.options import GenerationOptions
@@ -48,13 +48,15 @@ def run_chat(model: PixtralModel, images: list[str], generation: GenerationOptio
         user = Message("user", (*pending, Text(line)))
         try:
             answer = _answer(model, [*history, user], generation)
-        except ImageError as exc:
-            click.echo(f"Error: {exc} {_dropped(pending)}", err=True)
-            pending = []  # a bad image would fail every later message too
+        except (ImageError, ContextLengthError) as exc:
+            click.echo(f"Error: {exc} {_dropped(pending, exc)}", err=True)
+            pending = []  # kept, the image would fail every later message too
             continue
-        if answer is not None:
-            history += [user, Message("assistant", (Text(answer),))]
-            pending = []
+        except PixtralError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            continue
+        history += [user, Message("assistant", (Text(answer),))]
+        pending = []
 
 
 def _next_line(read_line: Callable[[], str]) -> str | None:
@@ -71,11 +73,15 @@ def _next_line(read_line: Callable[[], str]) -> str | None:
                        err=True)
 
 
-def _dropped(pending: list[Image]) -> str:
+def _dropped(pending: list[Image], error: PixtralError) -> str:
+    """What became of the images that made the answer fail."""
+    if len(pending) == 1:
+        return "(the image was dropped; attach another with /image PATH)"
     if pending:
-        return "(the image was dropped; attach another with /image PATH)" if len(pending) == 1 else \
-            f"(the {len(pending)} images of this message were dropped; attach others with /image PATH)"
-    return "(an image of an earlier message cannot be read any more; /reset to start over)"
+        return f"(the {len(pending)} images of this message were dropped; attach others with /image PATH)"
+    if isinstance(error, ImageError):
+        return "(an image of an earlier message cannot be read any more; /reset to start over)"
+    return "(/reset to start over with an empty conversation)"
 
 
 def _attach(name: str) -> list[Image]:
@@ -97,9 +103,8 @@ def _attach(name: str) -> list[Image]:
     return [Image(path)]
 
 
-def _answer(model: PixtralModel, messages: list[Message], generation: GenerationOptions) -> str | None:
-    """Stream one answer; Ctrl-C stops it and keeps what was said. ImageError propagates (the caller
-    drops the image); other errors are reported, not fatal."""
+def _answer(model: PixtralModel, messages: list[Message], generation: GenerationOptions) -> str:
+    """Stream one answer; Ctrl-C stops it and keeps what was said, SIGTERM stops it and the chat."""
     parts: list[str] = []
     stream = model.stream_chat(messages, generation)
     try:
@@ -114,9 +119,4 @@ def _answer(model: PixtralModel, messages: list[Message], generation: Generation
         click.echo(" [stopped]")
         if isinstance(exc, Terminated):
             raise  # SIGTERM ends the chat; Ctrl-C only this answer
-    except ImageError:
-        raise
-    except PixtralError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        return None
     return "".join(parts)
