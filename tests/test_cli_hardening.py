@@ -190,3 +190,31 @@ def test_sigterm_during_convert_cleans_up_like_ctrl_c(tiny_native, tmp_path):
     assert proc.returncode == 1, stderr
     assert stderr.decode().splitlines() == ["Error: interrupted by SIGTERM; nothing half-written was left behind"]
     assert sorted(p.name for p in out.iterdir()) == [], "no .partial and no finished-looking file"
+
+
+def test_the_sigterm_handler_lasts_only_as_long_as_the_command(model_path):
+    seen = []
+    before = signal.getsignal(signal.SIGTERM)
+    original_info = main.commands["info"].callback
+
+    def spy(*args, **kwargs):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return original_info(*args, **kwargs)
+
+    main.commands["info"].callback = spy
+    try:
+        assert run("info", model_path).exit_code == 0
+    finally:
+        main.commands["info"].callback = original_info
+    assert seen and seen[0] is not before, "SIGTERM must unwind like Ctrl-C while the command runs"
+    assert signal.getsignal(signal.SIGTERM) is before, "the CLI must not leave its handler behind"
+
+
+def test_sigterm_ends_a_waiting_chat_with_one_line(model_path):
+    proc = subprocess.Popen([EXE, "chat", "--model", model_path, *SHORT], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stderr.readline().startswith(b"Commands:")  # loaded, now waiting for a line
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert stderr.decode().splitlines() == ["Error: interrupted by SIGTERM; nothing half-written was left behind"]
