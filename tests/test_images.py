@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import time
 import warnings
@@ -33,6 +34,7 @@ from pixtral_cpp.images import (
     prepare_image,
     resize_bicubic,
 )
+from pixtral_cpp.quiet_stderr import capture_stderr
 
 SIZES = [(1, 1), (15, 15), (16, 16), (17, 17), (33, 700), (200, 150), (640, 480), (1000, 600), (1023, 1025),
          (1024, 768), (1024, 1024), (2048, 512), (4000, 100), (100, 4000), (3000, 2000), (1025, 1),
@@ -481,3 +483,18 @@ def test_many_frames_are_never_walked() -> None:
     assert colours(load_image(data)) == {(255, 0, 0)}
     assert prepare_image(data).geometry.n_image_positions == 2
     assert time.perf_counter() - started < 0.5
+
+
+def test_capture_stderr_collects_what_c_code_writes(capfd: pytest.CaptureFixture[str]) -> None:
+    with capture_stderr() as outer:
+        os.write(2, b"outer ")
+        with capture_stderr() as inner:  # nested in one thread: the lock is re-entrant
+            os.write(2, b"libtiff: Bad value\n")
+        assert inner == ["libtiff: Bad value\n"]
+        os.write(2, b"again\n")
+    assert outer == ["outer again\n"]
+    with capture_stderr() as quiet:
+        pass
+    assert quiet == [] and capfd.readouterr() == ("", "")
+    os.write(2, b"after\n")  # descriptor 2 is restored
+    assert capfd.readouterr().err == "after\n"
