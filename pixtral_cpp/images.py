@@ -5,6 +5,11 @@ Pixtral sees an image as a grid of 16x16 patches. mistral-common (tokens/tokeniz
 16 and stretches the image to exactly that size with OpenCV's bicubic filter. llama.cpp's mtmd does
 something else by default (docs/runtime-findings.md §2), so we hand mtmd pixels that are already at the
 final size: mtmd then leaves them alone and the token count matches the reference.
+
+Encoded images are decoded by pixtral_cpp.image_decode: only PNG, JPEG, WebP, GIF, BMP and TIFF (and
+AVIF where Pillow has it), the formats photos and screenshots come in, chosen from the first bytes and
+opened with that one Pillow plugin; EPS, PDF, SVG and the rest are refused by name, so no other plugin
+(EPS runs Ghostscript) ever sees untrusted bytes.
 """
 
 from __future__ import annotations
