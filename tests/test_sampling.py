@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import jsonschema
 import numpy as np
@@ -19,6 +20,7 @@ from pixtral_cpp.backend import (
     TextModelOptions,
     json_schema_grammar,
 )
+from pixtral_cpp.backend.sampling import MAX_GRAMMAR_ALTERNATIVES, MAX_SCHEMA_BOUND, MAX_SCHEMA_BYTES
 from pixtral_cpp.errors import BackendError, ModelError, PixtralError
 
 PROMPT = "Describe the picture in JSON."
@@ -177,6 +179,73 @@ def test_a_bad_json_schema_is_a_grammar_error(schema, reason):
     with pytest.raises(GrammarError, match=reason) as caught:
         json_schema_grammar(schema)
     assert isinstance(caught.value, PixtralError)
+
+
+# -- what a schema may cost --------------------------------------------------------------------------
+
+# A pydantic-style model: nested object, optional and nullable fields, an enum, a bounded array.
+ORDINARY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "number": {"type": "string", "maxLength": 20}, "date": {"type": "string", "format": "date"},
+        "customer": {"type": "object", "properties": {"name": {"type": "string"},
+                                                      "address": {"type": ["string", "null"]}},
+                     "required": ["name"]},
+        "status": {"enum": ["draft", "sent", "paid", "void"]},
+        "items": {"type": "array", "maxItems": 50, "items": {
+            "type": "object", "properties": {"sku": {"type": "string"}, "qty": {"type": "integer", "minimum": 1},
+                                             "tags": {"type": "array", "items": {"type": "string"}}},
+            "required": ["sku", "qty"]}},
+        "total": {"type": "number"}, "notes": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+    },
+    "required": ["number", "date", "customer", "items", "total"],
+}
+
+
+def _nested_arrays(depth: int) -> dict:
+    schema: dict = {"type": "integer"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+@pytest.mark.parametrize(
+    ("schema", "reason"),
+    [
+        ({"enum": [f"word{i}" for i in range(MAX_GRAMMAR_ALTERNATIVES + 1)]}, "alternatives"),
+        ({"anyOf": [{"const": f"c{i}"} for i in range(MAX_GRAMMAR_ALTERNATIVES + 1)]}, "alternatives"),
+        ({"type": "string", "pattern": "^(" + "|".join(f"w{i}" for i in range(600)) + ")$"}, "alternatives"),
+        ({"enum": [f"word{i}" for i in range(60_000)]}, f"bytes of JSON, over the limit of {MAX_SCHEMA_BYTES:,}"),
+        ({"type": "string", "maxLength": MAX_SCHEMA_BOUND + 1}, "maxLength 4,097 is over the limit of 4,096"),
+        ({"type": "string", "pattern": "^a{0,99999999999999999999}$"}, "pattern count 99999999999999999999"),
+        ({"type": "string", "pattern": "^a{5000}$"}, "pattern count 5,000"),
+        ({"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 4000} for i in range(5)}},
+         "add up to 20,000 repetitions"),
+        ({"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(1100)},
+          "required": [f"p{i}" for i in range(1100)]}, "rules, over the limit of 1,024"),
+        # the converter names each repeated piece after its property: 4,000 long names in a row
+        ({"type": "object", "properties": {name * 60: {"type": "string", "pattern": "^[0-9a-z_-]{4000}$"}
+                                           for name in "ab"}}, "bytes, over the limit of 256,000"),
+        (_nested_arrays(70), "nested more than 64"),
+    ],
+    ids=["enum", "anyOf", "pattern-choices", "schema-bytes", "bound", "huge-pattern-count", "pattern-count",
+         "bounds-total", "rules", "grammar-bytes", "depth"],
+)
+def test_a_schema_over_a_cost_limit_is_refused_naming_it(schema, reason):
+    started = time.monotonic()
+    with pytest.raises(GrammarError, match=re.escape(reason)):
+        json_schema_grammar(schema)
+    assert time.monotonic() - started < 1.0  # refused before the converter could spend long
+
+
+def test_ordinary_schemas_are_far_below_the_limits(model):
+    for schema in (ORDINARY_SCHEMA, {"type": "object"},
+                   {"enum": [f"word{i}" for i in range(MAX_GRAMMAR_ALTERNATIVES - 1)]},
+                   {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(200)}}):
+        grammar = json_schema_grammar(schema)
+        with Sampler(model, SamplingOptions(temperature=0), grammar=grammar) as sampler:
+            start(model)
+            sampler.sample()
 
 
 # -- options and lifetime ----------------------------------------------------------------------------

@@ -38,6 +38,24 @@ _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float3
 
 _RULE_NAME = re.compile(r"[a-zA-Z0-9-]+")  # what llama.cpp's GBNF parser accepts as a rule name
 
+# What a JSON schema may cost. llama.cpp's grammar sampler matches every one of the 131,072 tekken tokens
+# against each alternative alive at the current position: over that vocabulary (2-core x86 CPU) an
+# ordinary pydantic-style schema (40 rules, 16 alternatives) costs 10-45 ms per sampled token, like
+# {"type": "object"}, while each alternative alive at once adds about 0.35 ms: an enum of 1,000 words
+# with a common prefix costs 360 ms per token, 3,000 cost 1.3 s, 60,000 about 28 s.
+MAX_SCHEMA_BOUND = 4096  # one maxLength/maxItems/pattern count: the converter spells out each repetition
+MAX_SCHEMA_REPETITIONS = 4 * MAX_SCHEMA_BOUND  # all of a schema's bounds together (~10 grammar bytes each)
+MAX_SCHEMA_BYTES = 128_000  # the schema as JSON text: bounds the converter's own time and memory
+MAX_SCHEMA_DEPTH = 64  # nested objects and arrays
+MAX_GRAMMAR_ALTERNATIVES = 512  # enum values, const/anyOf/oneOf branches, pattern choices: <= ~180 ms a token
+MAX_GRAMMAR_RULES = 1024  # each is parsed and kept by llama.cpp for the whole answer
+MAX_GRAMMAR_BYTES = 256_000
+
+_SCHEMA_BOUNDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+_PATTERN_COUNT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")  # x{m}, x{m,}, x{m,n}
+_LITERAL_OR_CLASS = re.compile(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]')  # where '|' is not a choice
+_RULE_START = re.compile(r"^[a-zA-Z0-9-]+\s*::=", re.MULTILINE)
+
 
 class SamplingError(PixtralError, ValueError):
     """A sampling option, grammar or JSON schema that cannot be used; the message names the value."""
@@ -247,22 +265,96 @@ def _grammar_reason(messages: list[str]) -> str:
 
 
 def json_schema_grammar(schema: dict[str, Any] | str) -> str:
-    """GBNF grammar that only lets the model write JSON valid under ``schema`` (a dict or JSON text)."""
+    """GBNF grammar that only lets the model write JSON valid under ``schema`` (a dict or JSON text).
+
+    Schemas over the cost limits above raise GrammarError naming the limit, before and after conversion.
+    """
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError, ValueError) as exc:
             raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from exc
     if not isinstance(schema, dict):
         raise GrammarError(f"a JSON schema must be a JSON object, got {type(schema).__name__}")
+    text = _schema_text(schema)
     converter = _schema_converter()
     try:
-        grammar = converter(json.dumps(schema))
+        grammar = converter(text)
     # The converter reports unsupported or broken schemas with asserts and whatever the code hits.
     except (AssertionError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
         reason = str(exc) or type(exc).__name__
         raise GrammarError(f"cannot turn the JSON schema into a grammar: {reason}") from exc
-    return "\n".join(_JSON_CHAR_RULE if line == _STALE_CHAR_RULE else line for line in grammar.splitlines())
+    grammar = "\n".join(_JSON_CHAR_RULE if line == _STALE_CHAR_RULE else line for line in grammar.splitlines())
+    _check_grammar_cost(grammar)
+    return grammar
+
+
+def _schema_text(schema: dict[str, Any]) -> str:
+    """The schema as JSON for the converter, once its size, depth and repetition bounds are in limits."""
+    repetitions = _schema_repetitions(schema, 0)
+    if repetitions > MAX_SCHEMA_REPETITIONS:
+        raise GrammarError(f"the JSON schema's length, item and pattern bounds add up to {repetitions:,} "
+                           f"repetitions, over the limit of {MAX_SCHEMA_REPETITIONS:,}: use smaller bounds")
+    try:
+        text = json.dumps(schema)
+    except (TypeError, ValueError) as exc:  # a set, an object, a circular reference
+        raise GrammarError(f"the JSON schema is not JSON data: {exc}") from exc
+    if len(text) > MAX_SCHEMA_BYTES:
+        raise GrammarError(f"the JSON schema is {len(text):,} bytes of JSON, over the limit of "
+                           f"{MAX_SCHEMA_BYTES:,}: describe the answer with fewer or shorter parts")
+    return text
+
+
+def _schema_repetitions(node: Any, depth: int) -> int:
+    """The sum of the repetition bounds in `node`; GrammarError for one over MAX_SCHEMA_BOUND."""
+    if depth > MAX_SCHEMA_DEPTH:
+        raise GrammarError(f"the JSON schema is nested more than {MAX_SCHEMA_DEPTH} levels deep")
+    total = 0
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in _SCHEMA_BOUNDS and isinstance(value, int) and not isinstance(value, bool):
+                total += _bounded(key, value)
+            elif key == "pattern" and isinstance(value, str):
+                total += _pattern_repetitions(value)
+            total += _schema_repetitions(value, depth + 1)
+    elif isinstance(node, list):
+        total = sum(_schema_repetitions(item, depth + 1) for item in node)
+    return total
+
+
+def _pattern_repetitions(pattern: str) -> int:
+    """The counts of a regex's x{m}, x{m,} and x{m,n}: the converter writes x out that many times."""
+    total = 0
+    for counts in _PATTERN_COUNT.findall(pattern):
+        digits = max((d.lstrip("0") or "0" for d in counts if d), key=lambda d: (len(d), d))
+        if len(digits) > 9:  # over any limit, and int() refuses past 4300 digits
+            raise GrammarError(f"JSON schema pattern count {digits[:20]} is over the limit of {MAX_SCHEMA_BOUND:,}")
+        total += _bounded("pattern count", int(digits))
+    return total
+
+
+def _bounded(name: str, value: int) -> int:
+    if value > MAX_SCHEMA_BOUND:
+        raise GrammarError(f"JSON schema {name} {value:,} is over the limit of {MAX_SCHEMA_BOUND:,}: the grammar "
+                           "would spell out every repetition")
+    return max(value, 0)
+
+
+def _check_grammar_cost(grammar: str) -> None:
+    """Refuse a grammar that would make every sampled token slow, or fill memory."""
+    if len(grammar) > MAX_GRAMMAR_BYTES:
+        raise GrammarError(f"the JSON schema gives a grammar of {len(grammar):,} bytes, over the limit of "
+                           f"{MAX_GRAMMAR_BYTES:,}: use fewer properties or smaller bounds")
+    rules = len(_RULE_START.findall(grammar))
+    if rules > MAX_GRAMMAR_RULES:
+        raise GrammarError(f"the JSON schema gives a grammar of {rules:,} rules, over the limit of "
+                           f"{MAX_GRAMMAR_RULES:,}: use fewer properties, anyOf branches or definitions")
+    choices = [line.count("|") for line in _LITERAL_OR_CLASS.sub("", grammar).splitlines()]
+    alternatives = sum(bars + 1 for bars in choices if bars)  # a rule with n bars offers n + 1
+    if alternatives > MAX_GRAMMAR_ALTERNATIVES:
+        raise GrammarError(f"the JSON schema gives a grammar of {alternatives:,} alternatives (enum values, "
+                           f"const/anyOf/oneOf branches, pattern choices), over the limit of "
+                           f"{MAX_GRAMMAR_ALTERNATIVES:,}: each costs time at every generated token")
 
 
 def _schema_converter() -> Any:
