@@ -1,7 +1,8 @@
 """Output files that are either complete or absent.
 
 Everything is written under a `.partial` name beside the final file and renamed only when complete;
-temporary files are removed on any failure, Ctrl-C included.
+temporary files are removed on any failure, Ctrl-C, SIGTERM (which the CLI raises as KeyboardInterrupt)
+and SystemExit included.
 """
 
 from __future__ import annotations
@@ -49,27 +50,61 @@ def partial_path(final: Path, tag: str = "") -> Path:
     return final.with_name(f".{final.name}{tag}{PARTIAL_SUFFIX}")
 
 
+# errno -> why a write failed for lack of room: a full disk, a quota, or a file-size limit (RLIMIT_FSIZE, FAT32).
+_NO_ROOM = {
+    errno.ENOSPC: "no space left on the disk",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EFBIG: "the file is too large for this file system or for the process's file-size limit",
+}
+
+
 @contextlib.contextmanager
 def temporary_files(*paths: Path) -> Iterator[None]:
-    """Remove these paths when the block ends, however it ends."""
+    """Remove these paths when the block ends, however it ends (Ctrl-C and SystemExit included)."""
+    folder = paths[0].parent if paths else Path(".")
     try:
         yield
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise OutputError(f"the disk filled up while writing {exc.filename or 'the output'}; "
-                              f"free some space and run again") from None
-        raise
+        reason = _NO_ROOM.get(exc.errno)
+        if reason:
+            raise OutputError(f"writing the output in {folder} failed: {reason}; free some space and run "
+                              f"again (nothing was left behind)") from None
+        raise OutputError(f"writing the output in {folder} failed: {exc.strerror or exc}") from None
     finally:
         for path in paths:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
 
-def publish(partial: Path, final: Path) -> None:
-    """fsync and atomically rename a completed file into place."""
-    with open(partial, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(partial, final)
+def publish_together(*pairs: tuple[Path, Path]) -> None:
+    """fsync every (partial, final) pair's partial, then rename each into place, in order.
+
+    If a rename fails or is interrupted, the finals already renamed are removed again: the files only
+    work as a set, and a new text model beside an old mmproj would look finished but mismatch.
+    """
+    for partial, _ in pairs:
+        with open(partial, "rb+") as f:
+            os.fsync(f.fileno())
+    published: list[Path] = []
+    try:
+        for partial, final in pairs:
+            os.replace(partial, final)
+            published.append(final)
+        _fsync_folder(pairs[0][1].parent)
+    except BaseException:
+        for final in published:
+            with contextlib.suppress(FileNotFoundError):
+                final.unlink()
+        raise
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the renames durable: without it a power cut can lose them although the data is on disk."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def format_bytes(n: float) -> str:

@@ -19,7 +19,7 @@ from pixtral_cpp.convert.output import (
     format_bytes,
     partial_path,
     prepare_output_dir,
-    publish,
+    publish_together,
     refuse_existing,
     temporary_files,
 )
@@ -161,8 +161,7 @@ def convert_checkpoint(options: ConvertOptions, progress: Progress | None = None
                         quantizer, progress)
             _write_file(TEXT_ARCH, plan.text_quant, text_partial, checkpoint, text_plan, "text model",
                         quantizer, progress)
-            publish(text_partial, plan.text_path)
-            publish(mmproj_partial, plan.mmproj_path)
+            publish_together((text_partial, plan.text_path), (mmproj_partial, plan.mmproj_path))
     return ConvertResult(plan.text_path, plan.mmproj_path, plan, time.monotonic() - started)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from pixtral_cpp.convert.config import PixtralConfig, parse_config_json, parse_params_json, read_json
+from pixtral_cpp.convert.json_files import brief
 from pixtral_cpp.convert.metadata import ModelInfo
 from pixtral_cpp.convert.safetensors_reader import SafetensorsFile, TensorInfo
 from pixtral_cpp.convert.tensor_map import canonical_hf_name
@@ -23,6 +24,8 @@ from pixtral_cpp.errors import CheckpointError, ConfigError, TensorError, Unsupp
 log = logging.getLogger(__name__)
 
 NATIVE, HF = "native", "hf"
+INDEX_FILE = "model.safetensors.index.json"
+_CARD_BYTES_READ = 64 * 1024
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Only what conversion reads; never the multi-GB files of the other layout.
 _HUB_METADATA_PATTERNS = ["params.json", "config.json", "tekken.json", "tokenizer.json", "README.md",
@@ -95,34 +98,55 @@ def open_checkpoint(folder: Path, *, context_length: int | None = None, source_u
     """Parse config and tokenizer and map every safetensors file of a local checkpoint."""
     folder = Path(folder)
     layout = detect_layout(folder)
+    weight_map: dict[str, str] = {}
     if layout == NATIVE:
         config = parse_params_json(folder / "params.json", context_length)
         files = sorted(folder.glob("consolidated*.safetensors"))
     else:
         config = parse_config_json(folder / "config.json", context_length)
-        files = _hf_weight_files(folder)
+        files, weight_map = _hf_weight_files(folder)
     vocab = load_vocabulary(folder)
     _check_vocabulary(config, vocab, folder)
     info = ModelInfo(name=_model_name(folder), license=_license(folder), source_url=source_url)
     with contextlib.ExitStack() as on_error:
         opened = {path: on_error.enter_context(SafetensorsFile(path)) for path in files}
+        _check_index(weight_map, opened, folder)
         tensors = _index_tensors(opened, layout)
         on_error.pop_all()  # success: the Checkpoint owns the open files now
     return Checkpoint(folder, layout, config, vocab, info, tensors, opened)
 
 
-def _hf_weight_files(folder: Path) -> list[Path]:
-    index_path = folder / "model.safetensors.index.json"
+def _hf_weight_files(folder: Path) -> tuple[list[Path], dict[str, str]]:
+    """The shards, and the index's tensor -> shard map (empty without an index)."""
+    index_path = folder / INDEX_FILE
     if not index_path.is_file():
-        return sorted(folder.glob("model*.safetensors"))
+        return sorted(folder.glob("model*.safetensors")), {}
     weight_map = read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ConfigError(f"{index_path}: no 'weight_map' object")
+    for tensor, shard in weight_map.items():
+        if not _is_shard_name(shard):
+            # A path here could make the converter read any file on the machine ('../../etc/passwd').
+            raise ConfigError(f"{index_path}: weight_map[{brief(tensor)}] is {brief(shard)}; expected the name "
+                              f"of a .safetensors file inside the checkpoint folder")
     files = sorted({folder / name for name in weight_map.values()})
     missing = [p.name for p in files if not p.is_file()]
     if missing:
         raise TensorError(f"{index_path}: lists shard(s) that are missing: {', '.join(missing)}")
-    return files
+    return files, weight_map
+
+
+def _is_shard_name(name: object) -> bool:
+    return (isinstance(name, str) and name.endswith(".safetensors") and name.isprintable()
+            and Path(name).name == name and "\\" not in name and not name.startswith("."))
+
+
+def _check_index(weight_map: dict[str, str], files: dict[Path, SafetensorsFile], folder: Path) -> None:
+    """Every tensor the index lists is in the shard it names (index and shards from one download)."""
+    for tensor, shard in weight_map.items():
+        if tensor not in files[folder / shard].tensors:
+            raise TensorError(f"{folder / INDEX_FILE}: lists tensor {brief(tensor)} in {shard}, which does not "
+                              f"hold it; the index and the shards do not belong together (re-download them)")
 
 
 def _index_tensors(files: dict[Path, SafetensorsFile], layout: str) -> dict[str, TensorInfo]:
@@ -160,7 +184,11 @@ def _license(folder: Path) -> str | None:
     card = folder / "README.md"
     if not card.is_file():
         return None
-    text = card.read_text(encoding="utf-8", errors="replace")
+    try:
+        with open(card, "rb") as handle:  # the front matter is at the top; a card is never read whole
+            text = handle.read(_CARD_BYTES_READ).decode("utf-8", errors="replace")
+    except OSError:  # the card is optional; an unreadable one only costs the license field
+        return None
     front = re.match(r"^---\s*\n(.*?)\n---", text, re.S)
     found = re.search(r"^license:\s*['\"]?([\w.-]+)", front.group(1), re.M) if front else None
     return found.group(1) if found else None

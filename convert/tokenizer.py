@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+from pixtral_cpp.convert.json_files import MAX_TOKENIZER_BYTES, brief, read_json_object
 
 from pixtral_cpp.errors import TokenizerError
 
@@ -34,6 +34,11 @@ LEGACY_SPECIAL_TOKENS = (
     "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]",
 )
 SPECIAL_FILLER_TEMPLATE = "<SPECIAL_{id}>"
+# Pixtral has 131,072 tokens and the largest published vocabularies about 260k; beyond this, a count is corrupt
+# (and building that many filler specials or GGUF strings would exhaust memory first).
+MAX_VOCAB_SIZE = 1 << 22
+# tiktoken's longest tokens are tens of bytes; deriving merges costs the square of a token's length.
+MAX_TOKEN_BYTES = 1024
 
 BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, PAD_TOKEN = "<s>", "</s>", "<unk>", "<pad>"
 IMG_TOKEN, IMG_BREAK_TOKEN, IMG_END_TOKEN = "[IMG]", "[IMG_BREAK]", "[IMG_END]"
@@ -129,6 +134,10 @@ def load_tekken(path: Path | str) -> Vocabulary:
     num_special = _require(config, "default_num_special_tokens", int, path,
                            "config.default_num_special_tokens")
     entries = _require(data, "vocab", list, path)
+    _check_vocabulary_size(vocab_size, path, "config.default_vocab_size")
+    if not 0 <= num_special <= vocab_size:
+        raise TokenizerError(f"{path}: config.default_num_special_tokens {num_special} must be between 0 and "
+                             f"config.default_vocab_size ({vocab_size})")
     num_ordinary = vocab_size - num_special
     if num_ordinary < 256 or len(entries) < num_ordinary:
         raise TokenizerError(f"{path}: config.default_vocab_size {vocab_size} with {num_special} special "
@@ -181,6 +190,9 @@ def _tekken_ordinary_bytes(entries: Sequence[Any], path: Path) -> list[bytes]:
             token = base64.b64decode(encoded, validate=True)
         except binascii.Error:
             raise TokenizerError(f"{path}: vocab[{index}].token_bytes is not valid base64") from None
+        if len(token) > MAX_TOKEN_BYTES:
+            raise TokenizerError(f"{path}: vocab[{index}].token_bytes is {len(token)} bytes long; tokens of "
+                                 f"more than {MAX_TOKEN_BYTES} bytes mean a corrupt file")
         # tiktoken's layout: ranks 0..255 are the single bytes in byte order, the rest are longer.
         if (index < 256 and token != bytes([index])) or (index >= 256 and len(token) < 2):
             expected = f"the single byte {index}" if index < 256 else "at least two bytes"
@@ -218,7 +230,7 @@ def load_tokenizer_json(path: Path | str) -> Vocabulary:
     model = _require(data, "model", dict, path)
     model_type = model.get("type", "BPE")
     if model_type != "BPE":
-        raise TokenizerError(f"{path}: model.type is {model_type!r}; "
+        raise TokenizerError(f"{path}: model.type is {brief(model_type)}; "
                              "only byte-level BPE tokenizers are supported")
     vocab = _require(model, "vocab", dict, path, "model.vocab")
     added = data.get("added_tokens") or []
@@ -235,18 +247,20 @@ def _tokenizer_json_tokens(
     vocab: Mapping[str, Any], added: Sequence[Any], path: Path
 ) -> tuple[list[str], set[int]]:
     """Token strings by id, and the ids of special added tokens."""
+    _check_vocabulary_size(len(vocab) + len(added), path, "model.vocab with added_tokens")
     by_id: dict[int, str] = {}
     for token, index in vocab.items():
-        if not isinstance(index, int) or index in by_id:
-            raise TokenizerError(f"{path}: model.vocab[{token!r}] must be a unique integer id, got {index!r}")
+        if not isinstance(index, int) or isinstance(index, bool) or index in by_id:
+            raise TokenizerError(f"{path}: model.vocab[{brief(token)}] must be a unique integer id, "
+                                 f"got {brief(index)}")
         by_id[index] = token
     control: set[int] = set()
     for entry in added:
         index = _require(entry, "id", int, path, "added_tokens[].id")
         content = _require(entry, "content", str, path, "added_tokens[].content")
         if by_id.setdefault(index, content) != content:
-            raise TokenizerError(f"{path}: added token {content!r} has id {index}, "
-                                 f"which model.vocab gives to {by_id[index]!r}")
+            raise TokenizerError(f"{path}: added token {brief(content)} has id {index}, "
+                                 f"which model.vocab gives to {brief(by_id[index])}")
         if entry.get("special", False):
             control.add(index)
     if sorted(by_id) != list(range(len(by_id))):
@@ -260,7 +274,7 @@ def _merge_string(merge: Any, path: Path) -> str:
         return merge
     if isinstance(merge, list) and len(merge) == 2 and all(isinstance(part, str) for part in merge):
         return f"{merge[0]} {merge[1]}"
-    raise TokenizerError(f"{path}: model.merges entry {merge!r} is neither 'a b' nor ['a', 'b']")
+    raise TokenizerError(f"{path}: model.merges entry {brief(merge)} is neither 'a b' nor ['a', 'b']")
 
 
 # ------------------------------------------------------------------------------------------ shared
@@ -297,16 +311,14 @@ def _vocabulary(tokens: list[str], types: list[int], merges: list[str], source: 
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as handle:
-            data = json.load(handle)
-    except OSError as error:
-        raise TokenizerError(f"cannot read {path}: {error.strerror or error}") from error
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise TokenizerError(f"{path} is not valid JSON ({error}); the download may be truncated") from error
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path}: expected a JSON object at the top level")
-    return data
+    # Repeated keys are harmless here: a repeated vocab entry leaves a gap in the ids, which is refused.
+    return read_json_object(path, TokenizerError, max_bytes=MAX_TOKENIZER_BYTES, unique_keys=False)
+
+
+def _check_vocabulary_size(size: int, path: Path, what: str) -> None:
+    if size > MAX_VOCAB_SIZE:
+        raise TokenizerError(f"{path}: {what} is {size} tokens; more than {MAX_VOCAB_SIZE} is not a real "
+                             "vocabulary (corrupt file?)")
 
 
 def _require(mapping: Any, key: str, kind: type, path: Path, name: str | None = None) -> Any:
