@@ -33,6 +33,11 @@ _SCALARS = {  # struct formats; numpy reads the same codes for arrays
     GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
 }
 _DTYPES = {vtype: np.dtype(fmt) for vtype, fmt in _SCALARS.items()}
+# Far beyond what any GGUF llama.cpp reads holds (Pixtral: 131k tokens, 269k merges, a 10 kB chat template),
+# and small enough that a corrupt count inside the file size cannot make us build a list of a billion
+# empty strings from a file's zero-filled tensor data.
+MAX_ARRAY_ITEMS = 1 << 22
+MAX_STRING_BYTES = 1 << 24
 _MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, the smallest value (one byte)
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
 _STRING_LENGTH = struct.Struct("<Q")
@@ -109,14 +114,13 @@ class _Cursor:
 
     def string(self, what: str) -> str:
         n = self.take("<Q")
-        if n > self.left:
-            raise _Corrupt(f"{what} length {n} is past the end of the file")
+        if n > min(self.left, MAX_STRING_BYTES):
+            raise _Corrupt(f"{what} length {n} is past the end of the file or over {MAX_STRING_BYTES} bytes")
         raw = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
     def strings(self, count: int, what: str) -> list[str]:
-        self.reserve(count, _STRING_LENGTH.size, what)
         buf, pos, end, out = self.buf, self.pos, len(self.buf), []
         unpack = _STRING_LENGTH.unpack_from
         for _ in range(count):  # the vocabulary: the one loop that must stay tight
@@ -124,7 +128,7 @@ class _Cursor:
                 raise _Corrupt(f"truncated in {what}")
             (n,) = unpack(buf, pos)
             pos += 8
-            if n > end - pos:
+            if n > end - pos or n > MAX_STRING_BYTES:
                 raise _Corrupt(f"a string in {what} has length {n}, past the end of the file")
             out.append(str(buf[pos:pos + n], "utf-8", "replace"))
             pos += n
@@ -208,10 +212,12 @@ def _read_array(cur: _Cursor, key: str) -> tuple[GGUFValueType, list[Any]]:
     count = cur.take("<Q")
     if item_type == GGUFValueType.ARRAY:
         raise _Corrupt(f"{key!r} is an array of arrays, which llama.cpp cannot read")
+    cur.reserve(count, 8 if item_type == GGUFValueType.STRING else _DTYPES[item_type].itemsize, f"array {key!r} item")
+    if count > MAX_ARRAY_ITEMS:
+        raise _Corrupt(f"array {key!r} claims {count} items, over the limit of {MAX_ARRAY_ITEMS}")
     if item_type == GGUFValueType.STRING:
         return item_type, cur.strings(count, f"array {key!r}")
     dtype = _DTYPES[item_type]
-    cur.reserve(count, dtype.itemsize, f"array {key!r} item")
     items = np.frombuffer(cur.buf, dtype=dtype, count=count, offset=cur.pos)
     cur.pos += count * dtype.itemsize
     return item_type, items.tolist()
