@@ -22,6 +22,9 @@ API_KEY_ENV = "PIXTRAL_CPP_API_KEY"  # so the key need not show in `ps`
               f"(or ${API_KEY_ENV}).")
 @click.option("--allow-remote", is_flag=True,
               help="Listen beyond loopback without a key (when a proxy in front checks who may call).")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="A name clients may use in the Host header besides loopback ones (repeatable); on a "
+                   "non-loopback address, only these names are then served.")
 @click.option("--allow-image-folder", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder whose images requests may name by local path (default: none, data URLs only).")
 @click.option("--model-id", default="pixtral-12b", show_default=True, help="Model name clients use.")
@@ -38,8 +41,9 @@ API_KEY_ENV = "PIXTRAL_CPP_API_KEY"  # so the key need not show in `ps`
 @model_options
 @click.pass_context
 def serve(ctx: click.Context, host: str, port: int, api_key: str | None, allow_remote: bool,
-          allow_image_folder: Path | None, model_id: str, max_body_mb: int, max_image_pixels: int,
-          max_images: int, max_tokens_limit: int, max_queued: int, model_args: ModelArgs) -> None:
+          allowed_hosts: tuple[str, ...], allow_image_folder: Path | None, model_id: str, max_body_mb: int,
+          max_image_pixels: int, max_images: int, max_tokens_limit: int, max_queued: int,
+          model_args: ModelArgs) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health)."""
     try:
         from pixtral_cpp.server import ServerConfig, check_bind_address, run_server
@@ -50,7 +54,7 @@ def serve(ctx: click.Context, host: str, port: int, api_key: str | None, allow_r
                           max_body_bytes=max_body_mb * 1_000_000, max_image_pixels=max_image_pixels,
                           max_tokens_limit=max_tokens_limit, max_images_per_request=max_images,
                           max_queued_requests=max_queued, model_id=model_id,
-                          max_image_size=model_args.max_image_size)
+                          max_image_size=model_args.max_image_size, allowed_hosts=allowed_hosts)
     check_bind_address(host, config, allow_remote=allow_remote)  # before minutes of loading
     verbose = bool(ctx.find_root().params.get("verbose"))
     with load_model(ctx, model_args) as pixtral:

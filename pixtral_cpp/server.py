@@ -12,27 +12,36 @@ Why not llama-cpp-python's own server: it owns the model through its own `Llama`
 format, so it could not use pixtral-cpp's mistral-common prompt, image/KV-cache reuse or the NaN checks.
 
 Concurrency: one model, one KV cache, so generations take turns in arrival order on one worker thread
-(server_worker); request parsing and image decoding run in a thread pool beforehand, so a bad request
-is refused without waiting in line. A client that disconnects stops its generation at the next token.
+(server_worker). A request takes its place in line before its body is read (over the limit: 503 at
+once); parsing and image decoding then run in a thread pool, a bounded number of decodes at a time, so
+a bad request is refused without waiting for the model. A client that disconnects stops its generation
+at the next token. SIGTERM or Ctrl-C ends the running answer with a last error event, refuses the
+waiting requests with 503, and exits.
+
+Who may call: bound to loopback, only loopback names are accepted in `Host` (a web page that re-points
+its own name at 127.0.0.1 cannot read answers), and bodies must be `application/json` (a page may send
+text/plain anywhere without asking). With an API key, every request needs `Authorization: Bearer`.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import logging
+import signal
+import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 try:
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
-    from starlette.datastructures import Headers
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
     from starlette.types import ASGIApp, Receive, Scope, Send
@@ -45,6 +54,8 @@ from pixtral_cpp.server_protocol import (
     RequestError,
     ResponseHeader,
     ServerConfig,
+    check_host,
+    check_json_content_type,
     finish_reason,
     model_object,
     parse_chat_request,
@@ -52,7 +63,7 @@ from pixtral_cpp.server_protocol import (
     sse_event,
     usage,
 )
-from pixtral_cpp.server_worker import GenerationWorker, ServerBusyError
+from pixtral_cpp.server_worker import GenerationWorker, Job, ServerBusyError
 
 __all__ = ["ServerConfig", "UnsafeBindError", "check_bind_address", "create_app", "run_server"]
 
@@ -88,18 +99,45 @@ def check_bind_address(host: str, config: ServerConfig, *, allow_remote: bool = 
 
 def run_server(model: Any, config: ServerConfig, host: str = "127.0.0.1", port: int = 8080, *,
                allow_remote: bool = False, log_level: str = "warning") -> None:
-    """Serve `model` (a PixtralModel) until interrupted; the caller still owns and closes the model."""
+    """Serve `model` (a PixtralModel) until SIGINT or SIGTERM; the caller still owns and closes the model."""
     import uvicorn
 
     check_bind_address(host, config, allow_remote=allow_remote)
     if not is_loopback(host) and config.api_key is None:
         logger.warning("listening on %s without an API key (--allow-remote)", host)
-    uvicorn.run(create_app(model, config), host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=5)
+    if config.api_key is not None and not config.api_key.isascii():
+        logger.warning("the API key is not ASCII: curl and clients that send UTF-8 headers can use it, but "
+                       "the openai Python client (httpx) refuses to send it")
+    app = create_app(model, config, bind_host=host)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.worker.shut_down()  # now, not after the graceful wait: running answers end cleanly
+            super().handle_exit(sig, frame)
+
+    with _sigterm_as_a_request_to_stop():
+        Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)).run()
 
 
-def create_app(model: Any, config: ServerConfig | None = None) -> Starlette:
-    """The ASGI application serving `model` (a PixtralModel) under `config`'s key and limits."""
+@contextmanager
+def _sigterm_as_a_request_to_stop() -> Iterator[None]:
+    """uvicorn re-raises the SIGTERM it handled once it has stopped: with the default action the process
+    would then die of the signal (exit -15) after a clean shutdown. Here it just returns."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread; uvicorn installs none elsewhere either
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def create_app(model: Any, config: ServerConfig | None = None, *, bind_host: str = "127.0.0.1") -> Starlette:
+    """The ASGI application serving `model` (a PixtralModel) under `config`'s key and limits.
+
+    `bind_host` is the address the server listens on: on loopback, only loopback Host names are served.
+    """
     config = config or ServerConfig()
     worker = GenerationWorker(model, config.max_queued_requests)
     endpoints = _Endpoints(worker, config)
@@ -117,36 +155,62 @@ def create_app(model: Any, config: ServerConfig | None = None) -> Starlette:
                 Route("/v1/models", endpoints.models, methods=["GET"]),
                 Route("/v1/models/{model_id:path}", endpoints.model, methods=["GET"]),
                 Route("/v1/chat/completions", endpoints.chat_completions, methods=["POST"])],
-        middleware=[Middleware(_RequireApiKey, api_key=config.api_key)],
+        middleware=[Middleware(_Gate, config=config, loopback_only=is_loopback(bind_host))],
         exception_handlers={HTTPException: _http_error},
         lifespan=lifespan)
     app.state.worker = worker
     return app
 
 
-class _RequireApiKey:
-    """Every HTTP request, unknown paths and /health included, needs `Authorization: Bearer <key>`."""
+class _Gate:
+    """Every HTTP request, unknown paths and /health included: the Host check, then the API key."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
-        self.app = app
-        self.key = None if api_key is None else api_key.encode()
+    def __init__(self, app: ASGIApp, config: ServerConfig, loopback_only: bool) -> None:
+        self.app, self.loopback_only, self.allowed_hosts = app, loopback_only, config.allowed_hosts
+        # Compared as bytes, never as Starlette's latin-1 text: clients send a non-ASCII key as UTF-8
+        # (curl, httpx given bytes) or as latin-1 (browsers' fetch), so both spellings are the key.
+        self.keys = _key_spellings(config.api_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.key is not None:
-            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
-            # compare_digest: the time taken does not tell how much of a guessed key was right
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key):
-                error = RequestError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                                     code="invalid_api_key")
-                await _error_response(error, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])  # raw (name, value) bytes; names are lower case
+            try:
+                check_host(headers.get(b"host"), loopback_only=self.loopback_only, allowed_hosts=self.allowed_hosts)
+                self._check_key(headers.get(b"authorization", b""))
+            except RequestError as error:
+                extra = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+                await _error_response(error, extra)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    def _check_key(self, authorization: bytes) -> None:
+        if not self.keys:
+            return
+        scheme, _, token = authorization.partition(b" ")
+        token = token.strip()  # bytes.strip: ASCII whitespace only, as HTTP strips
+        # compare_digest: the time taken does not tell how much of a guessed key was right
+        if scheme.lower() != b"bearer" or not any([hmac.compare_digest(token, key) for key in self.keys]):
+            raise RequestError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")
+
+
+def _key_spellings(key: str | None) -> tuple[bytes, ...]:
+    if key is None:
+        return ()
+    spellings = [key.encode("utf-8")]
+    try:
+        spellings.append(key.encode("latin-1"))
+    except UnicodeEncodeError:
+        pass
+    return tuple(dict.fromkeys(spellings))  # one for an ASCII key
 
 
 class _Endpoints:
     def __init__(self, worker: GenerationWorker, config: ServerConfig) -> None:
         self.worker, self.config = worker, config
         self.started = int(time.time())
+        # held by parse_chat_request in a pool thread while it decodes a request's images
+        self.decoding_gate = threading.BoundedSemaphore(config.max_concurrent_decodes)
 
     async def health(self, request: Request) -> Response:
         worker = self.worker
@@ -164,14 +228,24 @@ class _Endpoints:
         return JSONResponse(model_object(self.config, self.started))
 
     async def chat_completions(self, request: Request) -> Response:
+        job, slot = None, None
         try:
-            if self.worker.pending >= self.config.max_queued_requests:  # before reading megabytes of body
-                raise ServerBusyError("too many requests are waiting; retry shortly")
+            check_json_content_type(request.headers.get("content-type"))
+            slot = self.worker.admit()  # before reading megabytes of body: over the limit is 503 at once
             body = await _read_body(request, self.config.max_body_bytes)
-            parsed = await run_in_threadpool(parse_chat_request, body, self.config)
-            job = self.worker.submit(parsed.messages, parsed.options)
+            parsed = await run_in_threadpool(parse_chat_request, body, self.config, self.decoding_gate)
+            job = self.worker.submit(slot, parsed.messages, parsed.options)
+        except ClientDisconnect:
+            logger.info("client went away while sending its request")
+            return Response(status_code=CLIENT_CLOSED)
         except Exception as error:  # noqa: BLE001 - every refusal becomes an OpenAI-style error
             return _error_response(error)
+        finally:
+            if job is None and slot is not None:
+                slot.release()
+        return await self._answer(request, job, parsed.stream, parsed.include_usage)
+
+    async def _answer(self, request: Request, job: Job, stream: bool, include_usage: bool) -> Response:
         chunks = job.chunks(request.is_disconnected)
         try:
             first = await anext(chunks)  # errors found before any text still get their own status
@@ -180,8 +254,8 @@ class _Endpoints:
         except Exception as error:  # noqa: BLE001
             return _error_response(error)
         header = ResponseHeader.new(self.config.model_id)
-        if parsed.stream:
-            return StreamingResponse(_events(header, first, chunks, parsed.include_usage),
+        if stream:
+            return StreamingResponse(_events(header, first, chunks, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await _completion(header, first, chunks)
 
@@ -239,25 +313,28 @@ async def _events(header: ResponseHeader, item: Chunk, chunks: AsyncGenerator[Ch
     except StopAsyncIteration:
         return
     except Exception as error:  # noqa: BLE001 - the status is sent already; OpenAI clients raise on this
-        _log_unexpected(error)
-        yield sse_event(request_error_from(error).body())
+        yield sse_event(json.dumps(_answer_to(error).body()))
+        yield sse_event("[DONE]")  # the stream still ends as streams do: clients wait for it
     finally:
         await chunks.aclose()  # cancels the job if it is still running
 
 
-def _error_response(error: Exception, headers: dict[str, str] | None = None) -> Response:
+def _answer_to(error: Exception) -> RequestError:
+    """The OpenAI-style error for a refusal or failure; logs those that are bugs, with their traceback."""
     if isinstance(error, ServerBusyError):
-        answer = RequestError(503, str(error), type="server_error", code="server_busy")
-        headers = {"Retry-After": "1", **(headers or {})}
-    else:
-        _log_unexpected(error)
-        answer = request_error_from(error)
-    return JSONResponse(answer.body(), status_code=answer.status, headers=headers)
-
-
-def _log_unexpected(error: Exception) -> None:
-    if not isinstance(error, (RequestError, PixtralError, ServerBusyError)):
+        return RequestError(503, str(error), type="server_error", code=error.code)
+    if not isinstance(error, (RequestError, PixtralError)):
         logger.error("request failed", exc_info=error)
+    return request_error_from(error)
+
+
+def _error_response(error: Exception, headers: dict[str, str] | None = None) -> Response:
+    answer = _answer_to(error)
+    if answer.status == 503:
+        headers = {"Retry-After": "1", **(headers or {})}
+    # ASCII-escaped JSON: a message quoting a client's lone surrogate could not be written as UTF-8
+    return Response(json.dumps(answer.body()), status_code=answer.status, headers=headers,
+                    media_type="application/json")
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -6,25 +6,30 @@ images, GenerationOptions), so every rule about what a client may send is testab
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
-import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pixtral_cpp.backend import SamplingError, json_schema_grammar
+from pixtral_cpp.backend import GrammarError, SamplingError, json_schema_grammar
 from pixtral_cpp.conversation import Image, Message, normalize_messages
 from pixtral_cpp.errors import ContextLengthError, ConversationError, ImageError, PixtralError
-from pixtral_cpp.images import MAX_IMAGE_SIZE, check_max_image_size, load_image, prepare_image
+from pixtral_cpp.images import MAX_IMAGE_SIZE, check_max_image_size, prepare_image
 from pixtral_cpp.options import GenerationOptions
 from pixtral_cpp.results import GenerationStats
 
 MAX_STOP_LENGTH = 256
-MAX_SCHEMA_BOUND = 4096  # as many as max_tokens could ever fill
 MAX_STOP_STRINGS = 4  # OpenAI's limit for `stop`
+
+
+class ServerConfigError(PixtralError, ValueError):
+    """A server setting that cannot work; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -43,23 +48,42 @@ class ServerConfig:
     # Images are brought to the model's budget while parsing, so a queued request holds at most
     # 1024 x 1024 x 3 bytes per image rather than the full upload.
     max_image_size: int = MAX_IMAGE_SIZE
+    # Requests decoding images at once: a full-size decode holds the whole upload's pixels.
+    max_concurrent_decodes: int = 1
+    # Extra names accepted in the Host header. A loopback server takes only loopback names besides these
+    # (DNS rebinding); a server on another address takes any Host unless this names some.
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_max_image_size(self.max_image_size)
         for name in ("max_body_bytes", "max_image_pixels", "max_tokens_limit", "default_max_tokens",
-                     "max_images_per_request", "max_queued_requests"):
+                     "max_images_per_request", "max_queued_requests", "max_concurrent_decodes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ServerConfig.{name} must be a positive integer, got {value!r}")
-        if self.api_key is not None and not self.api_key.strip():
-            raise ValueError("ServerConfig.api_key must not be empty; use None for no key")
+                raise ServerConfigError(f"ServerConfig.{name} must be a positive integer, got {value!r}")
         if self.api_key is not None:  # a key read from an env file often ends in a newline
-            object.__setattr__(self, "api_key", self.api_key.strip())
+            object.__setattr__(self, "api_key", _sendable_key(self.api_key))
+        object.__setattr__(self, "allowed_hosts", tuple(host.lower() for host in self.allowed_hosts))
         if self.allowed_image_folder is not None:
             folder = Path(self.allowed_image_folder).expanduser().resolve()
             if not folder.is_dir():
-                raise ValueError(f"allowed_image_folder {folder} is not a folder")
+                raise ServerConfigError(f"allowed_image_folder {folder} is not a folder")
             object.__setattr__(self, "allowed_image_folder", folder)
+
+
+def _sendable_key(key: str) -> str:
+    """The key as clients send it (compared as UTF-8 bytes), or an error for one no client can send."""
+    key = key.strip(" \t\r\n")  # what HTTP strips around a header value, and an env file's newline
+    if not key:
+        raise ServerConfigError("the API key must not be empty; use None for no key")
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in key):
+        raise ServerConfigError("the API key holds a control character, which no HTTP header can carry; "
+                                "choose a key of printable characters")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not UTF-8 in argv or the environment
+        raise ServerConfigError("the API key is not valid UTF-8; choose a key of printable characters") from None
+    return key
 
 
 class RequestError(Exception):
@@ -86,10 +110,66 @@ def request_error_from(error: Exception) -> RequestError:
     if isinstance(error, ConversationError):
         return RequestError(400, str(error), param="messages")
     if isinstance(error, SamplingError):
-        return RequestError(400, str(error))
+        return RequestError(400, str(error), param="response_format" if isinstance(error, GrammarError) else None)
     if isinstance(error, PixtralError):
         return RequestError(500, str(error), type="server_error")
     return RequestError(500, "internal error; see the server log", type="server_error")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Who may ask: the Host and Content-Type headers
+
+
+def is_loopback_name(name: str) -> bool:
+    """True for localhost, *.localhost (RFC 6761: never resolved beyond this machine), 127.0.0.0/8 and
+    [::1]; any other name may resolve anywhere, or be re-pointed by whoever owns it."""
+    word = name.lower().removesuffix(".")
+    if word == "localhost" or word.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(header: str) -> str | None:
+    """The name in a Host header (`name`, `name:port`, `[v6]`, `[v6]:port`), or None if malformed."""
+    if header.startswith("["):
+        inside, bracket, port = header[1:].partition("]")
+        name = f"[{inside}]"
+        if not bracket or (port and not (port.startswith(":") and port[1:].isdigit())):
+            return None
+    else:
+        name, colon, port = header.partition(":")
+        if colon and not port.isdigit():
+            return None
+    return name.lower() or None
+
+
+def check_host(header: bytes | None, *, loopback_only: bool, allowed_hosts: tuple[str, ...] = ()) -> None:
+    """Refuse a Host this server does not answer to: a page in a browser can make a name of its own
+    point at 127.0.0.1 (DNS rebinding) and would then read the answers, but it cannot change the Host."""
+    if not loopback_only and not allowed_hosts:
+        return
+    text = header.decode("latin-1") if header is not None else None
+    name = _host_name(text) if text else None
+    if name is not None and (name in allowed_hosts or (loopback_only and is_loopback_name(name))):
+        return
+    shown = "no Host header" if text is None else f"the Host header {text[:100]!r}"
+    names = ", ".join((["localhost, *.localhost, 127.0.0.0/8, [::1]"] if loopback_only else []) + list(allowed_hosts))
+    raise RequestError(421, f"{shown} is not a name this server answers to ({names}): a web page may be trying "
+                       "to reach it through DNS rebinding; pass --allowed-host NAME if that name is yours",
+                       code="invalid_host")
+
+
+def check_json_content_type(header: str | None) -> None:
+    """Refuse a body that is not declared JSON: a web page can send text/plain to any address without
+    asking (a CORS simple request), but not application/json."""
+    media_type = (header or "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        shown = "no Content-Type" if header is None else f"Content-Type {header[:100]!r}"
+        raise RequestError(415, f"the request body must be sent as Content-Type: application/json, not "
+                           f"{shown}", code="unsupported_media_type")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,8 +186,13 @@ class ChatRequest:
     include_usage: bool  # stream_options.include_usage: a last chunk with the token counts
 
 
-def parse_chat_request(body: bytes, config: ServerConfig) -> ChatRequest:
-    """Validate a /v1/chat/completions body; decodes images, so run it off the event loop."""
+def parse_chat_request(body: bytes, config: ServerConfig,
+                       decoding_gate: AbstractContextManager[Any] | None = None) -> ChatRequest:
+    """Validate a /v1/chat/completions body; decodes images, so run it off the event loop.
+
+    `decoding_gate` (e.g. a threading.Semaphore) is held while this request decodes its images, so that
+    the server bounds how many full-size uploads are in memory at once.
+    """
     data = _json_object(body)
     model = data.get("model")
     if model is not None and model != config.model_id:
@@ -121,15 +206,23 @@ def parse_chat_request(body: bytes, config: ServerConfig) -> ChatRequest:
                                param=unsupported)
     stream = _typed(data, "stream", bool, False)
     stream_options = _typed(data, "stream_options", dict, None) or {}
-    return ChatRequest(messages=_messages(data.get("messages"), config), options=_options(data, config),
-                       stream=stream, include_usage=bool(stream_options.get("include_usage")))
+    options = _options(data, config)  # the cheap checks first: a bad field never waits for the gate
+    messages = _messages(data.get("messages"), config)
+    if any(isinstance(part, Image) for message in messages for part in message.parts):
+        with decoding_gate or contextlib.nullcontext():
+            messages = [_with_decoded_images(number, message, config) for number, message in enumerate(messages)]
+    return ChatRequest(messages=messages, options=options, stream=stream,
+                       include_usage=bool(stream_options.get("include_usage")))
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    # ValueError also covers integers past Python's 4300-digit conversion limit
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as error:
         raise RequestError(400, f"the request body is not valid JSON ({error})") from None
+    except RecursionError:
+        raise RequestError(400, "the request body is nested too deeply to parse") from None
     if not isinstance(data, dict):
         raise RequestError(400, f"the request body must be a JSON object, not {type(data).__name__}")
     return data
@@ -147,10 +240,10 @@ def _typed(data: Mapping[str, Any], name: str, kind: type | tuple[type, ...], de
 
 
 def _number(data: Mapping[str, Any], name: str, low: float, high: float, default: float) -> float:
-    value = float(_typed(data, name, (int, float), default))
-    if not (math.isfinite(value) and low <= value <= high):
-        raise RequestError(400, f"{name} must be between {low:g} and {high:g}, got {value:g}", param=name)
-    return value
+    value = _typed(data, name, (int, float), default)
+    if not low <= value <= high:  # False for NaN too; no float(): an int past float's range compares fine
+        raise RequestError(400, f"{name} must be between {low:g} and {high:g}, got {str(value)[:20]}", param=name)
+    return float(value)
 
 
 def _options(data: Mapping[str, Any], config: ServerConfig) -> GenerationOptions:
@@ -180,27 +273,9 @@ def _stop(value: Any) -> tuple[str, ...]:
     return tuple(stops)
 
 
-_SCHEMA_BOUNDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
-
-
-def _check_schema_bounds(schema: Any, depth: int = 0) -> None:
-    """Refuse length bounds the grammar converter would spell out one repetition at a time: a
-    `maxLength` of 10^9 is a tiny request and an 8 GB grammar."""
-    if depth > 64:
-        raise RequestError(400, "the JSON schema is nested too deeply", param="response_format")
-    if isinstance(schema, dict):
-        for key, value in schema.items():
-            if key in _SCHEMA_BOUNDS and isinstance(value, int) and value > MAX_SCHEMA_BOUND:
-                raise RequestError(400, f"JSON schema {key} {value} is over the limit of {MAX_SCHEMA_BOUND}",
-                                   param="response_format")
-            _check_schema_bounds(value, depth + 1)
-    elif isinstance(schema, list):
-        for item in schema:
-            _check_schema_bounds(item, depth + 1)
-
-
 def _json_schema(response_format: Any) -> dict[str, Any] | None:
-    """The schema the answer must follow, checked now so a bad one never waits in the queue."""
+    """The schema the answer must follow, checked now so a bad one never waits in the queue (the
+    converter also refuses schemas over its cost limits: bounds, size, rules, alternatives)."""
     if response_format is None:
         return None
     kind = response_format.get("type") if isinstance(response_format, dict) else None
@@ -218,12 +293,10 @@ def _json_schema(response_format: Any) -> dict[str, Any] | None:
         raise RequestError(400, "response_format must be {'type': 'text'}, {'type': 'json_object'} or "
                            "{'type': 'json_schema', 'json_schema': {'schema': {...}}}",
                            param="response_format")
-    _check_schema_bounds(schema)
     try:
         json_schema_grammar(schema)
-    except SamplingError as error:
-        # well-formed JSON, but a schema the grammar converter cannot express: unprocessable, not malformed
-        raise RequestError(422, str(error), param="response_format") from None
+    except SamplingError as error:  # a schema the converter cannot express, or one over a cost limit
+        raise RequestError(400, str(error), param="response_format") from None
     return schema
 
 
@@ -250,8 +323,9 @@ def _with_decoded_images(number: int, message: Message, config: ServerConfig) ->
             try:
                 # Prepared here as the model would (EXIF, alpha, budget, grid of 16): the model finds the
                 # array already at its grid size and uses it unchanged.
-                loaded = load_image(source, max_pixels=config.max_image_pixels)
-                part = Image(prepare_image(loaded, max_image_size=config.max_image_size).pixels)
+                # JPEGs are reduced while decoding: a 24 MP photo never exists in memory at full size.
+                part = Image(prepare_image(source, max_image_size=config.max_image_size,
+                                           max_pixels=config.max_image_pixels, reduce_while_decoding=True).pixels)
             except ImageError as error:
                 raise ImageError(f"{where}: {error}") from None
         parts.append(part)
@@ -262,7 +336,10 @@ def _allowed_source(where: str, source: Any, config: ServerConfig) -> Any:
     if not isinstance(source, Path):
         return source  # bytes from a data URL
     folder = config.allowed_image_folder
-    resolved = source.expanduser().resolve()  # symlinks followed: a link may not lead out of the folder
+    try:
+        resolved = source.expanduser().resolve()  # symlinks followed: a link may not lead out of the folder
+    except (OSError, RuntimeError, ValueError) as error:  # a NUL byte, a symlink loop, a bad ~user
+        raise ImageError(f"{where}: local image path {str(source)[:80]!r} cannot be resolved ({error})") from None
     if folder is None or not resolved.is_relative_to(folder):
         raise ImageError(f"{where}: local image {str(source)[:80]!r} is outside the folder this server may "
                          "read; send the image as a data: URL")

@@ -6,6 +6,10 @@ that closes it: a generator cannot be closed from another thread while it runs (
 executing"), so the event loop never touches the stream; it sets a job's cancel flag, and the worker
 checks the flag between chunks and closes the stream itself, which stops generation and releases the
 model's lock for the next job.
+
+Admission comes first: a request takes a Slot before its body is read or its images decoded, so the
+queue limit also bounds the memory of requests still being prepared; the slot is given back when the
+job ends or the request fails, whichever comes first.
 """
 
 from __future__ import annotations
@@ -31,13 +35,34 @@ POLL_SECONDS = 0.1  # how often a waiting request checks whether its client is s
 class ServerBusyError(Exception):
     """The request cannot be served now: too many are waiting, or the server is shutting down."""
 
+    code = "server_busy"
+
+
+class ServerShuttingDownError(ServerBusyError):
+    """The server is stopping: the running generation was ended and waiting requests are refused."""
+
+    code = "server_shutting_down"
+
+
+class Slot:
+    """One place among the worker's `max_queued`, held from admission until the request's job ends."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release: Callable[[], None] | None = release
+
+    def release(self) -> None:
+        """Give the place back (idempotent: the failure path and the job's end may both call it)."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
 
 class Job:
     """One generation: the worker pushes chunks into an asyncio queue; the request reads them."""
 
-    def __init__(self, messages: list[Message], options: GenerationOptions, loop: asyncio.AbstractEventLoop
-                 ) -> None:
-        self.messages, self.options = messages, options
+    def __init__(self, messages: list[Message], options: GenerationOptions, loop: asyncio.AbstractEventLoop,
+                 slot: Slot) -> None:
+        self.messages, self.options, self.slot = messages, options, slot
         self._loop = loop
         self._items: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         # The model checks it between images, prompt batches and tokens: a client that leaves during a
@@ -92,7 +117,7 @@ class GenerationWorker:
         self._model = model
         self._max_queued = max_queued
         self._jobs: queue.Queue[Job | None] = queue.Queue()
-        self._pending = 0  # submitted and not finished
+        self._pending = 0  # slots taken and not given back
         self._pending_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._current: Job | None = None  # the job the worker is running
@@ -102,6 +127,7 @@ class GenerationWorker:
 
     @property
     def pending(self) -> int:
+        """Requests admitted and not finished: being read or prepared, waiting, or running."""
         return self._pending
 
     def start(self) -> None:
@@ -109,27 +135,43 @@ class GenerationWorker:
             self._thread = threading.Thread(target=self._run, name="pixtral-generation", daemon=True)
             self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Cancel the running job (it stops at its next chunk), refuse the waiting ones, end the thread."""
-        if self._thread is None:
-            return
+    def shut_down(self) -> None:
+        """From any thread: refuse new requests, end the running job with ServerShuttingDownError at its
+        next check, and refuse the waiting ones; the thread keeps running until `stop`."""
         self._stopping = True
         if (current := self._current) is not None:
             current.cancel()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Shut down and end the thread."""
+        self.shut_down()
+        if self._thread is None:
+            return
         self._jobs.put(None)
         self._thread.join(timeout)
         self._thread = None
 
-    def submit(self, messages: list[Message], options: GenerationOptions) -> Job:
-        """Queue a generation; the caller reads it with `Job.chunks` on the running event loop."""
+    def admit(self) -> Slot:
+        """A place in line, or ServerBusyError; taken before the request is read, so a refusal is instant."""
         with self._pending_lock:
             if self._stopping:
-                raise ServerBusyError("the server is shutting down")
+                raise ServerShuttingDownError("the server is shutting down")
             if self._pending >= self._max_queued:
                 raise ServerBusyError(f"{self._pending} requests are already waiting or running "
                                       f"(the limit is {self._max_queued}); retry shortly")
             self._pending += 1
-        job = Job(messages, options, asyncio.get_running_loop())
+        return Slot(self._release)
+
+    def _release(self) -> None:
+        with self._pending_lock:
+            self._pending -= 1
+
+    def submit(self, slot: Slot, messages: list[Message], options: GenerationOptions) -> Job:
+        """Queue a generation in `slot` (the job releases it when it ends); read it with `Job.chunks` on
+        the running event loop."""
+        if self._stopping:
+            raise ServerShuttingDownError("the server is shutting down")
+        job = Job(messages, options, asyncio.get_running_loop(), slot)
         self.start()
         self._jobs.put(job)
         return job
@@ -141,12 +183,15 @@ class GenerationWorker:
                 self._serve(job)
             finally:
                 self._current = None
-                with self._pending_lock:
-                    self._pending -= 1
+                job.slot.release()
+        while not self._jobs.empty():  # submitted after the end marker: refuse, and free their slots
+            if (job := self._jobs.get_nowait()) is not None:
+                job.deliver(ServerShuttingDownError("the server is shutting down"))
+                job.slot.release()
 
     def _serve(self, job: Job) -> None:
         if self._stopping:
-            job.deliver(ServerBusyError("the server is shutting down"))
+            job.deliver(ServerShuttingDownError("the server is shutting down"))
             return
         if job.cancelled:  # its client left while it waited: never touch the model for it
             self.cancelled += 1
@@ -155,7 +200,7 @@ class GenerationWorker:
         try:
             for chunk in stream:
                 if job.cancelled:
-                    self.cancelled += 1
+                    self._end_cancelled(job)
                     return
                 job.deliver(chunk)
             self.completed += 1
@@ -166,3 +211,8 @@ class GenerationWorker:
         finally:
             stream.close()  # here, in the thread iterating it: stops generation, releases the model lock
 
+    def _end_cancelled(self, job: Job) -> None:
+        if self._stopping:  # ended by the shutdown, not by its client: tell the client why
+            job.deliver(ServerShuttingDownError("the server is shutting down; this answer was cut short"))
+        else:
+            self.cancelled += 1

@@ -302,7 +302,7 @@ def test_request_fields_become_generation_options():
     ({"n": 2}, 400, "n must be 1"),
     ({"messages": []}, 400, "messages"),
     ({"response_format": {"type": "xml"}}, 400, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "frobnicate"}}}}, 422,
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "frobnicate"}}}}, 400,
      "Unrecognized schema"),
 ])
 def test_bad_requests_name_the_field(fields, status, words):
