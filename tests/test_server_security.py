@@ -37,7 +37,7 @@ from pixtral_cpp.backend import GrammarError
 from pixtral_cpp.backend.sampling import MAX_GRAMMAR_ALTERNATIVES, MAX_SCHEMA_BYTES
 from pixtral_cpp.options import GenerationOptions
 from pixtral_cpp.server import create_app
-from pixtral_cpp.server_protocol import ServerConfig, ServerConfigError
+from pixtral_cpp.server_protocol import ServerConfig, ServerConfigError, parse_chat_request
 
 CHAT = "/v1/chat/completions"
 HELLO = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2, "temperature": 0}
@@ -265,6 +265,20 @@ def test_extra_uploads_are_refused_at_once_and_every_slot_comes_back(model):
         assert max(refused) < 1.0, results
         # the worker gives a slot back just after the answer's last chunk is handed over
         _wait_for(lambda: client.get("/health").json()["pending"] == 0, 5)
+
+
+def test_image_decoding_waits_for_the_gate_and_text_does_not():
+    gate = threading.Semaphore(1)
+    gate.acquire()  # another request is decoding
+    image_body = json.dumps(_image_request(_jpeg(64, 48))).encode()
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(parse_chat_request, image_body, ServerConfig(), gate)
+        time.sleep(0.3)
+        assert not waiting.done()
+        gate.release()
+        assert waiting.result(10).messages[0].parts[0].source.shape == (48, 64, 3)
+    gate.acquire()
+    assert parse_chat_request(json.dumps(HELLO).encode(), ServerConfig(), gate).messages  # no wait
 
 
 def test_a_half_sent_body_holds_its_slot_until_the_client_leaves(model, caplog):
