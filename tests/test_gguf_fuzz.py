@@ -8,6 +8,7 @@ model's header: bit flips, counts and lengths replaced with huge values, type fi
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import pytest
 
 from pixtral_cpp.errors import ModelError
 from pixtral_cpp.gguf_file import read_gguf_header
+from tests.gguf_helpers import _header_layout
 
 SEED = 9
 BUDGET_S = 8.0
@@ -148,3 +150,60 @@ def test_huge_array_count_in_a_large_file_is_refused_at_once(tmp_path, item_type
     with pytest.raises(ModelError, match=r"corrupt GGUF header: array 'tokenizer\.ggml\.tokens' .*" + words):
         read_gguf_header(path)
     assert time.perf_counter() - started < 0.2
+
+
+def _with_tensor_info(src: Path, dst: Path, name: str, *, n_dims: int | None = None, ne: tuple[int, ...] = (),
+                      qtype: int | None = None, offset: int | None = None) -> Path:
+    """Copy of ``src`` whose directory entry for tensor ``name`` is changed (raw fields, unchecked)."""
+    header = read_gguf_header(src)
+    raw = src.read_bytes()
+    _, kv_end = _header_layout(raw[:header.data_offset], len(header.metadata))
+    infos = b""
+    for t in header.tensors.values():
+        dims = ne or t.ne if t.name == name else t.ne
+        count = n_dims if t.name == name and n_dims is not None else len(dims)
+        kind = qtype if t.name == name and qtype is not None else t.type
+        where = offset if t.name == name and offset is not None else t.offset - header.data_offset
+        infos += struct.pack("<Q", len(t.name)) + t.name.encode() + struct.pack(
+            f"<I{len(dims)}QIQ", count, *dims, kind, where)
+    out = raw[:kv_end] + infos
+    out += b"\0" * (-len(out) % 32)
+    dst.write_bytes(out + raw[header.data_offset:])
+    return dst
+
+
+_DIRECTORY_CASES = {
+    "five-dims": (dict(n_dims=5, ne=(16, 16, 3, 256, 1)), r"has 5 dimensions \(at most 4\)"),
+    "zero-dim": (dict(ne=(0, 256)), r"has shape \[0, 256\]: every dimension must be positive"),
+    "overflowing-dims": (dict(ne=(2**62, 2**62)), "the element count below 2"),
+    "unknown-type": (dict(qtype=99), "has unknown tensor type 99"),
+    "unaligned-offset": (dict(offset=7), "starts at offset 7, not a multiple of the alignment 32"),
+    "overlapping": (dict(offset=0), "overlaps tensor"),
+    "past-the-end": (dict(offset=2**40), "truncated: tensor mm.1.weight ends at byte"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_DIRECTORY_CASES))
+def test_bad_tensor_directory_entries_are_refused(pair, tmp_path, case):
+    changes, words = _DIRECTORY_CASES[case]
+    bad = _with_tensor_info(pair[1], tmp_path / "bad.gguf", "mm.1.weight", **changes)
+    with pytest.raises(ModelError, match=words) as raised:
+        read_gguf_header(bad)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(("field", "value", "words"), [
+    ("type", 13, r"key 'clip\.vision\.patch_size' has unknown value type 13"),
+    ("nested", 9, r"'clip\.vision\.image_mean' is an array of arrays"),
+])
+def test_unknown_and_nested_value_types_are_refused(pair, tmp_path, field, value, words):
+    header = read_gguf_header(pair[1])
+    raw = bytearray(pair[1].read_bytes())
+    spans, _ = _header_layout(bytes(raw[:header.data_offset]), len(header.metadata))
+    key = "clip.vision.patch_size" if field == "type" else "clip.vision.image_mean"
+    start = spans[key][0]
+    type_at = start + 8 + len(key) + (4 if field == "nested" else 0)  # the value type, or the item type
+    struct.pack_into("<I", raw, type_at, value)
+    (tmp_path / "bad.gguf").write_bytes(raw)
+    with pytest.raises(ModelError, match=words):
+        read_gguf_header(tmp_path / "bad.gguf")
