@@ -53,3 +53,19 @@ class ContextLengthError(PixtralError):
 
 class ConversationError(PixtralError):
     """A chat conversation Pixtral's format cannot express (unknown role or part, nothing to answer)."""
+
+
+class ServerConfigError(PixtralError, ValueError):
+    """A server setting that cannot work; the message names it."""
+
+
+class UnsafeBindError(PixtralError):
+    """The server would listen beyond this machine without an API key."""
+
+
+class ServerBusyError(PixtralError):
+    """The server cannot take the request now: too many are waiting or running; retrying later may work."""
+
+
+class ServerShuttingDownError(ServerBusyError):
+    """The server is stopping: the running generation was ended and waiting requests are refused."""
