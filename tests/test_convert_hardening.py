@@ -368,8 +368,8 @@ class StopAt(NullProgress):
             raise self.error
 
 
-INTERRUPTIONS = [("mmproj", "advance", "F32"), ("text model", "begin", "F32"), ("text model", "advance", "Q4_K_M"),
-                 ("text model", "end", "Q4_K_M")]
+INTERRUPTIONS = [("mmproj", "advance", "F32"), ("text model", "begin", "F32"), ("text model", "advance", "Q8_0"),
+                 ("text model", "end", "Q8_0")]
 
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt, SystemExit])
@@ -423,4 +423,37 @@ def test_file_size_limit_mid_write(tiny_native, tmp_path, limit_mb):
     assert run.returncode == 3, run.stdout + run.stderr
     assert run.stdout.startswith("OutputError: ") and "too large" in run.stdout, run.stdout
     assert run.stdout.count("\n") == 1 and "Traceback" not in run.stderr, run.stdout + run.stderr
+    assert list(out.iterdir()) == []
+
+
+TERMINATED_DURING = textwrap.dedent("""
+    import os, signal, sys, threading
+    from pixtral_cpp.convert import ConvertOptions, NullProgress, convert_checkpoint
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt  # what the CLI does with SIGTERM
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+    class TerminateDuring(NullProgress):
+        def begin(self, label, total, unit="bytes"):
+            if sys.argv[3] in label:  # a real signal, arriving while this file is being written
+                threading.Timer(float(sys.argv[4]), os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+    try:
+        convert_checkpoint(ConvertOptions(source=sys.argv[1], output_dir=sys.argv[2], quant="Q8_0",
+                                          mmproj_quant="F32"), TerminateDuring())
+    except KeyboardInterrupt:
+        sys.exit(130)
+    print("finished before the signal")
+""")
+
+
+@pytest.mark.parametrize("label,delay", [("mmproj", 0.01), ("text model", 0.05), ("text model", 0.3)])
+def test_sigterm_mid_conversion_leaves_no_partial_files(tiny_native, tmp_path, label, delay):
+    """A real SIGTERM lands wherever the run is, the quantizer threads' work included."""
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-c", TERMINATED_DURING, str(tiny_native), str(out), label, str(delay)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 130, run.stdout + run.stderr
     assert list(out.iterdir()) == []
