@@ -8,7 +8,7 @@ MODEL_TENSOR table. `{bid}` is the block index.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import gguf
@@ -147,13 +147,16 @@ def canonical_hf_name(name: str) -> str:
     return name
 
 
-def rows_for(target: Target, config: PixtralConfig) -> list[tuple[TensorRow, int | None]]:
-    """All (row, block index) pairs that make up one output file, in file order."""
+def rows_for(target: Target, config: PixtralConfig) -> Iterator[tuple[TensorRow, int | None]]:
+    """All (row, block index) pairs that make up one output file, in file order.
+
+    A generator: a corrupt layer count (billions) then fails at the first missing tensor instead of
+    first building billions of rows.
+    """
     if target is Target.TEXT:
         globals_, blocks, layers = TEXT_GLOBAL_ROWS, TEXT_BLOCK_ROWS, config.text.num_layers
     else:
         globals_ = MMPROJ_GLOBAL_ROWS + (ADAPTER_BIAS_ROWS if config.vision.adapter_bias else ())
         blocks, layers = MMPROJ_BLOCK_ROWS, config.vision.num_layers
-    out: list[tuple[TensorRow, int | None]] = [(row, None) for row in globals_]
-    out += [(row, bid) for bid in range(layers) for row in blocks]
-    return out
+    yield from ((row, None) for row in globals_)
+    yield from ((row, bid) for bid in range(layers) for row in blocks)

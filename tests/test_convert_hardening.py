@@ -457,3 +457,28 @@ def test_sigterm_mid_conversion_leaves_no_partial_files(tiny_native, tmp_path, l
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 130, run.stdout + run.stderr
     assert list(out.iterdir()) == []
+
+
+LAYER_COUNT_GUARDED = textwrap.dedent("""
+    import resource, sys
+    from pixtral_cpp.convert import ConvertOptions, plan_conversion
+    from pixtral_cpp.errors import TensorError
+
+    # A regression would build billions of table rows; fail with MemoryError here, not the machine.
+    resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
+    try:
+        plan_conversion(ConvertOptions(source=sys.argv[1], output_dir=sys.argv[2]))
+    except TensorError as error:
+        print(error)
+        sys.exit(3)
+""")
+
+
+@pytest.mark.parametrize("key_path", ["n_layers", "vision_encoder.num_hidden_layers"])
+def test_billions_of_layers_fail_at_the_first_missing_tensor(tiny_native, tmp_path, key_path):
+    """A layer count that fits GGUF's uint32 but not the weights: refused as a missing tensor, in bounded memory."""
+    folder = linked_copy(tiny_native, tmp_path / "src", ("params.json",))
+    edit_json(folder / "params.json", key_path, 4_000_000_000)
+    run = subprocess.run([sys.executable, "-c", LAYER_COUNT_GUARDED, str(folder), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 3 and "is missing from the checkpoint" in run.stdout, run.stdout + run.stderr[-2000:]
