@@ -25,8 +25,9 @@ import pytest
 from PIL import Image
 
 from pixtral_cpp.errors import ImageError
+from pixtral_cpp.images import MAX_IMAGE_SIZE
 from pixtral_cpp.server import ServerConfig, UnsafeBindError, check_bind_address
-from pixtral_cpp.server_protocol import RequestError, parse_chat_request
+from pixtral_cpp.server.protocol import RequestError, parse_chat_request
 
 KEY = "test-key-123"
 MODEL_ID = "pixtral-12b"
@@ -279,9 +280,9 @@ def test_client_disconnect_stops_generation(client, server):
 # The rules themselves, without a server
 
 
-def _parse(config: ServerConfig | None = None, **fields: Any) -> Any:
+def _parse(config: ServerConfig | None = None, max_image_size: int = MAX_IMAGE_SIZE, **fields: Any) -> Any:
     body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], **fields}
-    return parse_chat_request(json.dumps(body).encode(), config or ServerConfig())
+    return parse_chat_request(json.dumps(body).encode(), config or ServerConfig(), max_image_size=max_image_size)
 
 
 def test_request_fields_become_generation_options():
@@ -341,7 +342,7 @@ def test_serve_defaults_are_the_config_defaults():
 
 
 def test_queued_images_are_held_at_the_model_budget_not_full_size():
-    config = ServerConfig(max_image_pixels=4000 * 4000, max_image_size=512)
-    request = _parse(config, messages=_image_message(_data_url(_png(2000, 1500))))
+    config = ServerConfig(max_image_pixels=4000 * 4000)
+    request = _parse(config, max_image_size=512, messages=_image_message(_data_url(_png(2000, 1500))))
     (image,) = [p for p in request.messages[0].parts if not hasattr(p, "text")]
     assert image.source.shape == (384, 512, 3)  # 2000x1500 within 512 px: 512x384, already on the grid

@@ -20,14 +20,15 @@ from starlette.testclient import TestClient
 
 from pixtral_cpp import ModelOptions, PixtralModel
 from pixtral_cpp.errors import PixtralError
-from pixtral_cpp.server import create_app
-from pixtral_cpp.server_protocol import RequestError, ServerConfig, parse_chat_request
+from pixtral_cpp.server import ServerConfig, create_app
+from pixtral_cpp.server.protocol import RequestError, parse_chat_request
 
 SEED = 20240911
 PARSER_SECONDS = 3.0
 APP_SECONDS = 5.0
 # Short answers and small images keep every accepted request to milliseconds on the tiny model.
-CONFIG = ServerConfig(max_tokens_limit=3, default_max_tokens=2, max_image_size=32, max_body_bytes=2_000_000)
+CONFIG = ServerConfig(max_tokens_limit=3, default_max_tokens=2, max_body_bytes=2_000_000)
+MAX_IMAGE_SIZE = 32  # the model's budget (its ModelOptions), which the app reads
 
 
 def _png(width: int, height: int) -> bytes:
@@ -142,7 +143,7 @@ def _for_a_while(seconds: float, rng: random.Random, check: Callable[[bytes], No
 def test_the_parser_only_refuses_with_its_own_errors():
     def check(body: bytes) -> None:
         try:
-            parse_chat_request(body, CONFIG)
+            parse_chat_request(body, CONFIG, max_image_size=MAX_IMAGE_SIZE)
         except (RequestError, PixtralError):
             pass
         except BaseException as error:  # noqa: BLE001 - anything else is the bug this test is for
@@ -153,7 +154,8 @@ def test_the_parser_only_refuses_with_its_own_errors():
 
 @pytest.fixture(scope="module")
 def client(pair) -> Iterator[TestClient]:
-    with PixtralModel.load(pair[0], options=ModelOptions(n_ctx=1024, threads=2, max_image_size=32)) as model, \
+    options = ModelOptions(n_ctx=1024, threads=2, max_image_size=MAX_IMAGE_SIZE)
+    with PixtralModel.load(pair[0], options=options) as model, \
             TestClient(create_app(model, CONFIG), base_url="http://127.0.0.1:8080") as test_client:
         yield test_client
 

@@ -36,8 +36,8 @@ from pixtral_cpp import ModelOptions, PixtralModel
 from pixtral_cpp.backend import GrammarError
 from pixtral_cpp.backend.sampling import MAX_GRAMMAR_ALTERNATIVES, MAX_SCHEMA_BYTES
 from pixtral_cpp.options import GenerationOptions
-from pixtral_cpp.server import create_app
-from pixtral_cpp.server_protocol import ServerConfig, ServerConfigError, parse_chat_request
+from pixtral_cpp.server import ServerConfig, ServerConfigError, create_app
+from pixtral_cpp.server.protocol import parse_chat_request
 
 CHAT = "/v1/chat/completions"
 HELLO = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2, "temperature": 0}
@@ -303,7 +303,7 @@ def test_a_half_sent_body_holds_its_slot_until_the_client_leaves(model, caplog):
                 sock.close()
             _wait_for(lambda: worker.pending == 0)
         assert httpx.post(base + CHAT, json=HELLO, timeout=30).status_code == 200
-    messages = [record.getMessage() for record in caplog.records if record.name == "pixtral_cpp.server"]
+    messages = [record.getMessage() for record in caplog.records if record.name == "pixtral_cpp.server.app"]
     assert messages.count("client went away while sending its request") == 2
     assert not [record for record in caplog.records if record.exc_info], "a traceback was logged"
 

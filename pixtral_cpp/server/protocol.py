@@ -1,7 +1,8 @@
-"""The OpenAI chat-completions protocol for the server: limits, request parsing, response objects.
+"""The OpenAI chat-completions protocol's request rules: who may ask, request parsing, errors as HTTP.
 
 No web framework here: a request body (bytes) goes in, our own types come out (messages with decoded
 images, GenerationOptions), so every rule about what a client may send is testable without a server.
+The response objects are in `responses`.
 """
 
 from __future__ import annotations
@@ -9,9 +10,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import time
-import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,70 +19,12 @@ from typing import Any
 from pixtral_cpp.backend import GrammarError, SamplingError, json_schema_grammar
 from pixtral_cpp.conversation import Image, Message, normalize_messages
 from pixtral_cpp.errors import ContextLengthError, ConversationError, ImageError, PixtralError
-from pixtral_cpp.images import MAX_IMAGE_SIZE, check_max_image_size, prepare_image
+from pixtral_cpp.images import MAX_IMAGE_SIZE, prepare_image
 from pixtral_cpp.options import GenerationOptions
-from pixtral_cpp.results import GenerationStats
+from pixtral_cpp.server.config import ServerConfig
 
 MAX_STOP_LENGTH = 256
 MAX_STOP_STRINGS = 4  # OpenAI's limit for `stop`
-
-
-class ServerConfigError(PixtralError, ValueError):
-    """A server setting that cannot work; the message names it."""
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """What the server accepts: who may call it, which local images it may read, and request limits."""
-
-    api_key: str | None = None  # None: no authentication (loopback only, see server.check_bind_address)
-    allowed_image_folder: Path | None = None  # local image paths are refused outside it; None: all refused
-    max_body_bytes: int = 20_000_000  # a 20 MB body holds about 15 MB of base64 images
-    max_image_pixels: int = 4096 * 4096  # refused before decoding; Pixtral downsizes to 1024 px anyway
-    max_tokens_limit: int = 4096  # the most a request may ask for; the context may allow fewer
-    default_max_tokens: int = 512  # when the request names no max_tokens
-    max_images_per_request: int = 8  # each image costs up to 4160 context positions
-    max_queued_requests: int = 16  # waiting or running; more are refused with 503
-    model_id: str = "pixtral-12b"
-    # Images are brought to the model's budget while parsing, so a queued request holds at most
-    # 1024 x 1024 x 3 bytes per image rather than the full upload.
-    max_image_size: int = MAX_IMAGE_SIZE
-    # Requests decoding images at once: a full-size decode holds the whole upload's pixels.
-    max_concurrent_decodes: int = 1
-    # Extra names accepted in the Host header. A loopback server takes only loopback names besides these
-    # (DNS rebinding); a server on another address takes any Host unless this names some.
-    allowed_hosts: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        check_max_image_size(self.max_image_size)
-        for name in ("max_body_bytes", "max_image_pixels", "max_tokens_limit", "default_max_tokens",
-                     "max_images_per_request", "max_queued_requests", "max_concurrent_decodes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ServerConfigError(f"ServerConfig.{name} must be a positive integer, got {value!r}")
-        if self.api_key is not None:  # a key read from an env file often ends in a newline
-            object.__setattr__(self, "api_key", _sendable_key(self.api_key))
-        object.__setattr__(self, "allowed_hosts", tuple(host.lower() for host in self.allowed_hosts))
-        if self.allowed_image_folder is not None:
-            folder = Path(self.allowed_image_folder).expanduser().resolve()
-            if not folder.is_dir():
-                raise ServerConfigError(f"allowed_image_folder {folder} is not a folder")
-            object.__setattr__(self, "allowed_image_folder", folder)
-
-
-def _sendable_key(key: str) -> str:
-    """The key as clients send it (compared as UTF-8 bytes), or an error for one no client can send."""
-    key = key.strip(" \t\r\n")  # what HTTP strips around a header value, and an env file's newline
-    if not key:
-        raise ServerConfigError("the API key must not be empty; use None for no key")
-    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in key):
-        raise ServerConfigError("the API key holds a control character, which no HTTP header can carry; "
-                                "choose a key of printable characters")
-    try:
-        key.encode("utf-8")
-    except UnicodeEncodeError:  # bytes that were not UTF-8 in argv or the environment
-        raise ServerConfigError("the API key is not valid UTF-8; choose a key of printable characters") from None
-    return key
 
 
 class RequestError(Exception):
@@ -187,11 +128,14 @@ class ChatRequest:
 
 
 def parse_chat_request(body: bytes, config: ServerConfig,
-                       decoding_gate: AbstractContextManager[Any] | None = None) -> ChatRequest:
+                       decoding_gate: AbstractContextManager[Any] | None = None, *,
+                       max_image_size: int = MAX_IMAGE_SIZE) -> ChatRequest:
     """Validate a /v1/chat/completions body; decodes images, so run it off the event loop.
 
     `decoding_gate` (e.g. a threading.Semaphore) is held while this request decodes its images, so that
-    the server bounds how many full-size uploads are in memory at once.
+    the server bounds how many full-size uploads are in memory at once. Images are brought to
+    `max_image_size` (the model's budget) here, so a queued request holds at most 1024 x 1024 x 3 bytes
+    per image rather than the full upload.
     """
     data = _json_object(body)
     model = data.get("model")
@@ -210,7 +154,8 @@ def parse_chat_request(body: bytes, config: ServerConfig,
     messages = _messages(data.get("messages"), config)
     if any(isinstance(part, Image) for message in messages for part in message.parts):
         with decoding_gate or contextlib.nullcontext():
-            messages = [_with_decoded_images(number, message, config) for number, message in enumerate(messages)]
+            messages = [_with_decoded_images(number, message, config, max_image_size)
+                        for number, message in enumerate(messages)]
     return ChatRequest(messages=messages, options=options, stream=stream,
                        include_usage=bool(stream_options.get("include_usage")))
 
@@ -310,10 +255,10 @@ def _messages(raw: Any, config: ServerConfig) -> list[Message]:
         raise RequestError(400, f"the request holds {n_images} images; this server takes at most "
                            f"{config.max_images_per_request} per request", code="too_many_images",
                            param="messages")
-    return [_with_decoded_images(number, message, config) for number, message in enumerate(messages)]
+    return messages  # images still undecoded: that waits for the decoding gate
 
 
-def _with_decoded_images(number: int, message: Message, config: ServerConfig) -> Message:
+def _with_decoded_images(number: int, message: Message, config: ServerConfig, max_image_size: int) -> Message:
     """Images decoded here, outside the model lock, and refused over the pixel limit before decoding."""
     parts = []
     for index, part in enumerate(message.parts):
@@ -324,7 +269,7 @@ def _with_decoded_images(number: int, message: Message, config: ServerConfig) ->
                 # Prepared here as the model would (EXIF, alpha, budget, grid of 16): the model finds the
                 # array already at its grid size and uses it unchanged.
                 # JPEGs are reduced while decoding: a 24 MP photo never exists in memory at full size.
-                part = Image(prepare_image(source, max_image_size=config.max_image_size,
+                part = Image(prepare_image(source, max_image_size=max_image_size,
                                            max_pixels=config.max_image_pixels, reduce_while_decoding=True).pixels)
             except ImageError as error:
                 raise ImageError(f"{where}: {error}") from None
@@ -344,58 +289,3 @@ def _allowed_source(where: str, source: Any, config: ServerConfig) -> Any:
         raise ImageError(f"{where}: local image {str(source)[:80]!r} is outside the folder this server may "
                          "read; send the image as a data: URL")
     return resolved
-
-
-# ---------------------------------------------------------------------------------------------------
-# Responses
-
-
-def finish_reason(stats: GenerationStats) -> str:
-    """OpenAI's name: a stop string ends an answer like the end token does."""
-    return "length" if stats.finish_reason == "length" else "stop"
-
-
-def usage(stats: GenerationStats) -> dict[str, int]:
-    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
-            "total_tokens": stats.prompt_tokens + stats.generated_tokens}
-
-
-@dataclass(frozen=True)
-class ResponseHeader:
-    """What every object of one response shares."""
-
-    id: str
-    created: int
-    model: str
-
-    @classmethod
-    def new(cls, model: str) -> ResponseHeader:
-        return cls(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model)
-
-    def completion(self, text: str, stats: GenerationStats) -> dict[str, Any]:
-        """A chat.completion object."""
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": finish_reason(stats)}],
-                "usage": usage(stats)}
-
-    def chunk(self, delta: dict[str, Any], finish: str | None = None,
-              usage_counts: dict[str, int] | None = None) -> dict[str, Any]:
-        """A chat.completion.chunk object; with usage_counts, the usage-only last chunk (no choices)."""
-        choices = [] if usage_counts else [{"index": 0, "delta": delta, "logprobs": None,
-                                            "finish_reason": finish}]
-        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                 "model": self.model, "choices": choices}
-        if usage_counts:
-            chunk["usage"] = usage_counts
-        return chunk
-
-
-def model_object(config: ServerConfig, created: int) -> dict[str, Any]:
-    return {"id": config.model_id, "object": "model", "created": created, "owned_by": "pixtral-cpp"}
-
-
-def sse_event(data: Mapping[str, Any] | Sequence[Any] | str) -> bytes:
-    """One server-sent event; OpenAI's stream is `data: <json>` events and a final `data: [DONE]`."""
-    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return f"data: {text}\n\n".encode()

@@ -1,11 +1,10 @@
 """One thread that runs every generation of a shared model, in arrival order, for asyncio callers.
 
 PixtralModel is synchronous and holds one KV cache, so requests take turns: jobs wait in a FIFO queue
-and a single worker thread runs them one at a time. The thread that iterates a model stream is the one
-that closes it: a generator cannot be closed from another thread while it runs ("generator already
-executing"), so the event loop never touches the stream; it sets a job's cancel flag, and the worker
-checks the flag between chunks and closes the stream itself, which stops generation and releases the
-model's lock for the next job.
+and a single worker thread runs them one at a time, handing each job's chunks to its request through a
+LoopChannel (pixtral_cpp.aio, whose rules this follows: the thread that iterates a model stream closes
+it; the event loop only cancels the job's token, which the worker and the model check, so a client that
+leaves stops generation and frees the model's lock for the next job).
 
 Admission comes first: a request takes a Slot before its body is read or its images decoded, so the
 queue limit also bounds the memory of requests still being prepared; the slot is given back when the
@@ -21,27 +20,16 @@ import threading
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
+from pixtral_cpp.aio import ChannelClosed, LoopChannel
 from pixtral_cpp.control import CancelToken
 from pixtral_cpp.conversation import Message
-from pixtral_cpp.errors import PixtralError
+from pixtral_cpp.errors import PixtralError, ServerBusyError, ServerShuttingDownError
 from pixtral_cpp.options import GenerationOptions
 from pixtral_cpp.results import Chunk, GenerationStats
 
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.1  # how often a waiting request checks whether its client is still there
-
-
-class ServerBusyError(Exception):
-    """The request cannot be served now: too many are waiting, or the server is shutting down."""
-
-    code = "server_busy"
-
-
-class ServerShuttingDownError(ServerBusyError):
-    """The server is stopping: the running generation was ended and waiting requests are refused."""
-
-    code = "server_shutting_down"
 
 
 class Slot:
@@ -58,16 +46,16 @@ class Slot:
 
 
 class Job:
-    """One generation: the worker pushes chunks into an asyncio queue; the request reads them."""
+    """One generation: the worker puts its chunks into a channel; the request reads them with `chunks`."""
 
     def __init__(self, messages: list[Message], options: GenerationOptions, loop: asyncio.AbstractEventLoop,
                  slot: Slot) -> None:
         self.messages, self.options, self.slot = messages, options, slot
-        self._loop = loop
-        self._items: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         # The model checks it between images, prompt batches and tokens: a client that leaves during a
         # long prefill frees the worker too, not only one that leaves during generation.
         self.token = CancelToken()
+        # A closed loop means the server is gone: nobody reads this job any more, so it stops.
+        self.channel: LoopChannel[Chunk] = LoopChannel(loop, on_loop_gone=self.cancel)
 
     @property
     def cancelled(self) -> bool:
@@ -77,37 +65,23 @@ class Job:
         """Stop this job at the model's next check (or skip it if it has not started)."""
         self.token.cancel()
 
-    def deliver(self, item: Chunk | BaseException) -> None:
-        """From the worker thread: hand an item to the event loop."""
-        try:
-            self._loop.call_soon_threadsafe(self._items.put_nowait, item)
-        except RuntimeError:  # the loop is closed: the server is gone, nobody is listening
-            self.cancel()
-
     async def chunks(self, disconnected: Callable[[], Awaitable[bool]]) -> AsyncGenerator[Chunk, None]:
         """Text chunks then GenerationStats; raises the job's error. Stops, and cancels the job, when
         `disconnected()` turns true or the caller stops iterating."""
-        getter: asyncio.Future[Chunk | BaseException] | None = None
         try:
-            while True:
-                if await disconnected():
-                    logger.info("client went away; stopping its generation")
+            while not await disconnected():
+                try:
+                    item = await self.channel.get(timeout=POLL_SECONDS)
+                except asyncio.TimeoutError:
+                    continue  # nothing yet: check the client again
+                except ChannelClosed:  # ended without stats: skipped or cut short, its error already raised
                     return
-                # One pending get across polls: cancelling a get that raced with a put could drop an item.
-                getter = getter or asyncio.ensure_future(self._items.get())
-                done, _ = await asyncio.wait({getter}, timeout=POLL_SECONDS)
-                if not done:
-                    continue
-                item, getter = getter.result(), None
-                if isinstance(item, BaseException):
-                    raise item
                 yield item
                 if isinstance(item, GenerationStats):
                     return
+            logger.info("client went away; stopping its generation")
         finally:
             self.cancel()  # a no-op after the stats: the worker is done with this job
-            if getter is not None:
-                getter.cancel()
 
 
 class GenerationWorker:
@@ -183,15 +157,17 @@ class GenerationWorker:
                 self._serve(job)
             finally:
                 self._current = None
+                job.channel.close()
                 job.slot.release()
         while not self._jobs.empty():  # submitted after the end marker: refuse, and free their slots
             if (job := self._jobs.get_nowait()) is not None:
-                job.deliver(ServerShuttingDownError("the server is shutting down"))
+                job.channel.fail(ServerShuttingDownError("the server is shutting down"))
+                job.channel.close()
                 job.slot.release()
 
     def _serve(self, job: Job) -> None:
         if self._stopping:
-            job.deliver(ServerShuttingDownError("the server is shutting down"))
+            job.channel.fail(ServerShuttingDownError("the server is shutting down"))
             return
         if job.cancelled:  # its client left while it waited: never touch the model for it
             self.cancelled += 1
@@ -202,17 +178,17 @@ class GenerationWorker:
                 if job.cancelled:
                     self._end_cancelled(job)
                     return
-                job.deliver(chunk)
+                job.channel.put(chunk)
             self.completed += 1
         except Exception as error:  # every failure goes back to its request
             if not isinstance(error, PixtralError):  # ours say what to fix; anything else is a bug
                 logger.exception("generation failed")
-            job.deliver(error)
+            job.channel.fail(error)
         finally:
             stream.close()  # here, in the thread iterating it: stops generation, releases the model lock
 
     def _end_cancelled(self, job: Job) -> None:
         if self._stopping:  # ended by the shutdown, not by its client: tell the client why
-            job.deliver(ServerShuttingDownError("the server is shutting down; this answer was cut short"))
+            job.channel.fail(ServerShuttingDownError("the server is shutting down; this answer was cut short"))
         else:
             self.cancelled += 1

@@ -1,39 +1,14 @@
-"""An OpenAI-compatible HTTP server over one loaded PixtralModel: `/v1/chat/completions`, `/v1/models`,
-`/health`.
-
-    from pixtral_cpp.server import ServerConfig, run_server
-    with PixtralModel.load("~/models") as model:
-        run_server(model, ServerConfig(api_key="..."), port=8080)
-
-Why Starlette and uvicorn: a small, well-kept ASGI stack with streaming responses and client-disconnect
-detection, which is all this needs; FastAPI and pydantic would add weight without adding anything
-here (requests are validated in server_protocol, where the rules can be tested without a server).
-Why not llama-cpp-python's own server: it owns the model through its own `Llama` class and prompt
-format, so it could not use pixtral-cpp's mistral-common prompt, image/KV-cache reuse or the NaN checks.
-
-Concurrency: one model, one KV cache, so generations take turns in arrival order on one worker thread
-(server_worker). A request takes its place in line before its body is read (over the limit: 503 at
-once); parsing and image decoding then run in a thread pool, a bounded number of decodes at a time, so
-a bad request is refused without waiting for the model. A client that disconnects stops its generation
-at the next token. SIGTERM or Ctrl-C ends the running answer with a last error event, refuses the
-waiting requests with 503, and exits.
-
-Who may call: bound to loopback, only loopback names are accepted in `Host` (a web page that re-points
-its own name at 127.0.0.1 cannot read answers), and bodies must be `application/json` (a page may send
-text/plain anywhere without asking). With an API key, every request needs `Authorization: Bearer`.
-"""
+"""The Starlette application: routes, the Host and API-key gate, request admission and the answers."""
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import logging
-import signal
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 try:
@@ -48,24 +23,18 @@ try:
 except ImportError as exc:  # an optional dependency
     raise ImportError("the server needs Starlette and uvicorn: pip install 'pixtral-cpp[server]'") from exc
 
-from pixtral_cpp.errors import PixtralError
+from pixtral_cpp.errors import PixtralError, ServerBusyError, ServerShuttingDownError
 from pixtral_cpp.results import Chunk, GenerationStats
-from pixtral_cpp.server_protocol import (
+from pixtral_cpp.server.config import ServerConfig, is_loopback
+from pixtral_cpp.server.protocol import (
     RequestError,
-    ResponseHeader,
-    ServerConfig,
     check_host,
     check_json_content_type,
-    finish_reason,
-    model_object,
     parse_chat_request,
     request_error_from,
-    sse_event,
-    usage,
 )
-from pixtral_cpp.server_worker import GenerationWorker, Job, ServerBusyError
-
-__all__ = ["ServerConfig", "UnsafeBindError", "check_bind_address", "create_app", "run_server"]
+from pixtral_cpp.server.responses import ResponseHeader, finish_reason, model_object, sse_event, usage
+from pixtral_cpp.server.worker import GenerationWorker, Job
 
 logger = logging.getLogger(__name__)
 
@@ -73,74 +42,15 @@ CLIENT_CLOSED = 499  # nginx's status for "the client went away"; nobody reads i
 DRAIN_FACTOR = 4  # an oversized body is read (and dropped) up to 4x the limit, see _read_body
 
 
-class UnsafeBindError(PixtralError):
-    """The server would listen beyond this machine without an API key."""
-
-
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback addresses; any other name may resolve to a public interface."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def check_bind_address(host: str, config: ServerConfig, *, allow_remote: bool = False) -> None:
-    """Refuse a non-loopback address unless requests need a key, or the operator says it is fine."""
-    if is_loopback(host) or config.api_key is not None or allow_remote:
-        return
-    raise UnsafeBindError(
-        f"refusing to listen on {host} without an API key: anyone who can reach it could use the model. "
-        "Set --api-key (or PIXTRAL_CPP_API_KEY), or pass --allow-remote if something in front of the "
-        "server (a reverse proxy) already checks who may call it")
-
-
-def run_server(model: Any, config: ServerConfig, host: str = "127.0.0.1", port: int = 8080, *,
-               allow_remote: bool = False, log_level: str = "warning") -> None:
-    """Serve `model` (a PixtralModel) until SIGINT or SIGTERM; the caller still owns and closes the model."""
-    import uvicorn
-
-    check_bind_address(host, config, allow_remote=allow_remote)
-    if not is_loopback(host) and config.api_key is None:
-        logger.warning("listening on %s without an API key (--allow-remote)", host)
-    if config.api_key is not None and not config.api_key.isascii():
-        logger.warning("the API key is not ASCII: curl and clients that send UTF-8 headers can use it, but "
-                       "the openai Python client (httpx) refuses to send it")
-    app = create_app(model, config, bind_host=host)
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            app.state.worker.shut_down()  # now, not after the graceful wait: running answers end cleanly
-            super().handle_exit(sig, frame)
-
-    with _sigterm_as_a_request_to_stop():
-        Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)).run()
-
-
-@contextmanager
-def _sigterm_as_a_request_to_stop() -> Iterator[None]:
-    """uvicorn re-raises the SIGTERM it handled once it has stopped: with the default action the process
-    would then die of the signal (exit -15) after a clean shutdown. Here it just returns."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers belong to the main thread; uvicorn installs none elsewhere either
-        return
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def create_app(model: Any, config: ServerConfig | None = None, *, bind_host: str = "127.0.0.1") -> Starlette:
     """The ASGI application serving `model` (a PixtralModel) under `config`'s key and limits.
 
     `bind_host` is the address the server listens on: on loopback, only loopback Host names are served.
+    Images are brought to the model's own budget, `model.options.max_image_size`, while parsing.
     """
     config = config or ServerConfig()
     worker = GenerationWorker(model, config.max_queued_requests)
-    endpoints = _Endpoints(worker, config)
+    endpoints = _Endpoints(worker, config, model.options.max_image_size)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -206,8 +116,8 @@ def _key_spellings(key: str | None) -> tuple[bytes, ...]:
 
 
 class _Endpoints:
-    def __init__(self, worker: GenerationWorker, config: ServerConfig) -> None:
-        self.worker, self.config = worker, config
+    def __init__(self, worker: GenerationWorker, config: ServerConfig, max_image_size: int) -> None:
+        self.worker, self.config, self.max_image_size = worker, config, max_image_size
         self.started = int(time.time())
         # held by parse_chat_request in a pool thread while it decodes a request's images
         self.decoding_gate = threading.BoundedSemaphore(config.max_concurrent_decodes)
@@ -233,7 +143,8 @@ class _Endpoints:
             check_json_content_type(request.headers.get("content-type"))
             slot = self.worker.admit()  # before reading megabytes of body: over the limit is 503 at once
             body = await _read_body(request, self.config.max_body_bytes)
-            parsed = await run_in_threadpool(parse_chat_request, body, self.config, self.decoding_gate)
+            parsed = await run_in_threadpool(parse_chat_request, body, self.config, self.decoding_gate,
+                                             max_image_size=self.max_image_size)
             job = self.worker.submit(slot, parsed.messages, parsed.options)
         except ClientDisconnect:
             logger.info("client went away while sending its request")
@@ -322,7 +233,8 @@ async def _events(header: ResponseHeader, item: Chunk, chunks: AsyncGenerator[Ch
 def _answer_to(error: Exception) -> RequestError:
     """The OpenAI-style error for a refusal or failure; logs those that are bugs, with their traceback."""
     if isinstance(error, ServerBusyError):
-        return RequestError(503, str(error), type="server_error", code=error.code)
+        code = "server_shutting_down" if isinstance(error, ServerShuttingDownError) else "server_busy"
+        return RequestError(503, str(error), type="server_error", code=code)
     if not isinstance(error, (RequestError, PixtralError)):
         logger.error("request failed", exc_info=error)
     return request_error_from(error)
