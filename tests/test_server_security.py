@@ -35,6 +35,7 @@ from starlette.testclient import TestClient
 from pixtral_cpp import ModelOptions, PixtralModel
 from pixtral_cpp.backend import GrammarError
 from pixtral_cpp.backend.sampling import MAX_GRAMMAR_ALTERNATIVES, MAX_SCHEMA_BYTES
+from pixtral_cpp.errors import ImageError
 from pixtral_cpp.options import GenerationOptions
 from pixtral_cpp.server import ServerConfig, ServerConfigError, create_app
 from pixtral_cpp.server.protocol import parse_chat_request
@@ -279,6 +280,19 @@ def test_image_decoding_waits_for_the_gate_and_text_does_not():
         assert waiting.result(10).messages[0].parts[0].source.shape == (48, 64, 3)
     gate.acquire()
     assert parse_chat_request(json.dumps(HELLO).encode(), ServerConfig(), gate).messages  # no wait
+
+
+def test_images_are_decoded_once_and_only_inside_the_gate():
+    gate = threading.Semaphore(1)
+    gate.acquire()  # another request is decoding
+    broken = json.dumps(_image_request(b"not an image")).encode()
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(parse_chat_request, broken, ServerConfig(), gate)
+        time.sleep(0.3)
+        assert not waiting.done()  # not even a bad image is opened before the gate
+        gate.release()
+        with pytest.raises(ImageError, match="message 0: part 0"):
+            waiting.result(10)
 
 
 def test_a_half_sent_body_holds_its_slot_until_the_client_leaves(model, caplog):
