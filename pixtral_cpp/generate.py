@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from pixtral_cpp.backend import IncrementalDecoder, Sampler, TextModel
 from pixtral_cpp.control import CancelToken
+from pixtral_cpp.kv_cache import KVCache
 from pixtral_cpp.options import GenerationOptions
-from pixtral_cpp.prompt_cache import PromptCache
 from pixtral_cpp.results import FinishReason, TextChunk
 
 
@@ -55,10 +55,10 @@ class _StopStrings:
         return 0
 
 
-def generate_tokens(text: TextModel, cache: PromptCache, options: GenerationOptions, seed: int | None,
+def generate_tokens(text: TextModel, kv: KVCache, options: GenerationOptions, seed: int | None,
                     budget: int, cancel: CancelToken | None = None, grammar: str | None = None
                     ) -> Generator[TextChunk, None, Outcome]:
-    """Generate after an evaluated prompt; every decoded token is recorded in `cache.keys`.
+    """Generate after a prompt evaluated into `kv` (the KV cache of `text`), appending each token to it.
 
     `cancel` is checked before each token: the KV cache then holds exactly the prompt and the tokens
     decoded so far, so the next call reuses it as usual.
@@ -75,7 +75,7 @@ def generate_tokens(text: TextModel, cache: PromptCache, options: GenerationOpti
                 break
             token = sampler.sample()
             if text.is_end_of_generation(token):
-                _decode(text, cache, token)  # keep `</s>` in the cache: the next turn's prompt has it
+                kv.append_tokens([token])  # keep `</s>` in the cache: the next turn's prompt has it
                 finish = "stop"
                 break
             ids.append(token)
@@ -86,7 +86,7 @@ def generate_tokens(text: TextModel, cache: PromptCache, options: GenerationOpti
             if stops.hit:
                 finish = "stop_string"
                 break
-            _decode(text, cache, token)
+            kv.append_tokens([token])
         tail = "" if stops.hit else stops.feed(decoder.flush()) + stops.flush()
         if tail:
             pieces.append(tail)
@@ -98,11 +98,3 @@ def generate_tokens(text: TextModel, cache: PromptCache, options: GenerationOpti
         sampler.close()
     return Outcome(finish, "".join(pieces), tuple(ids))  # type: ignore[arg-type]
 
-
-def _decode(text: TextModel, cache: PromptCache, token: int) -> None:
-    try:
-        text.eval_tokens([token])
-    except BaseException:
-        cache.forget()
-        raise
-    cache.keys.append(token)

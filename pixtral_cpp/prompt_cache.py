@@ -1,8 +1,9 @@
-"""What the KV cache holds, position by position, so a follow-up turn evaluates only what changed.
+"""What a model remembers between calls besides its KV cache (pixtral_cpp.kv_cache owns that).
 
-Every position is keyed: a token by its id, an image position by the image's content hash. The
-common prefix of the cached keys and a new prompt's keys is kept in the KV cache; encoded images
-are kept by hash so a question about the same image does not run the vision encoder again.
+Encoded images are kept by the content hash of their pixels, so a question about the same image does
+not run the vision encoder again; image sources by a cheap fingerprint, so a follow-up about the same
+file does not even decode it again; and recent answers with the tokens generated for them. Each table
+is bounded and forgets its least recently used entry first.
 """
 
 from __future__ import annotations
@@ -10,36 +11,18 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterator, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from pixtral_cpp.backend import ImageEmbedding
 
-Key = int | str
-
 ANSWERS_KEPT = 16  # recent answers whose generated tokens are remembered
 
-
-@dataclass(frozen=True)
-class TokenRun:
-    tokens: tuple[int, ...]
-
-    def keys(self) -> list[Key]:
-        return list(self.tokens)
-
-
-@dataclass(frozen=True)
-class ImageRun:
-    key: str
-    embedding: ImageEmbedding
-
-    def keys(self) -> list[Key]:
-        return [self.key] * self.embedding.n_positions
-
-
-Run = TokenRun | ImageRun
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 
 def source_fingerprint(source: object) -> str | None:
@@ -68,31 +51,45 @@ def image_key(pixels: np.ndarray) -> str:
     return "img:" + digest.hexdigest()
 
 
-def _put_recent(table: OrderedDict, key: object, value: object, capacity: int) -> None:
-    """Insert or refresh `key` as the most recent entry; drop the least recent beyond `capacity`."""
-    table[key] = value
-    table.move_to_end(key)
-    while len(table) > capacity:
-        table.popitem(last=False)
+class RecentTable(Mapping[K, V]):
+    """At most `capacity` entries; a lookup or a put makes an entry the most recent, and a put beyond
+    the capacity drops the least recent one."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[K, V] = OrderedDict()
+
+    def __getitem__(self, key: K) -> V:
+        value = self._entries[key]
+        self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def __iter__(self) -> Iterator[K]:  # oldest first
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 class PromptCache:
-    """The keys of the positions in the KV cache, recently encoded images, and recent answers."""
+    """Recently encoded images, the image keys of recent sources, and recent answers."""
 
     def __init__(self, image_capacity: int) -> None:
-        self.keys: list[Key] = []
-        self._images: OrderedDict[str, ImageEmbedding] = OrderedDict()
-        self._sources: OrderedDict[tuple[str, int], str] = OrderedDict()  # (fingerprint, budget) -> image key
+        self._images: RecentTable[str, ImageEmbedding] = RecentTable(image_capacity)
+        # (fingerprint, image budget) -> image key: small entries, so more of them than of images
+        self._sources: RecentTable[tuple[str, int], str] = RecentTable(4 * max(image_capacity, 1))
         # Answer text -> the tokens generated for it: when a follow-up sends an answer back, its tokens
         # are reused as generated (re-tokenizing need not give them), so the KV cache already holds them.
-        self.answers: OrderedDict[str, tuple[int, ...]] = OrderedDict()
-        self._capacity = image_capacity
+        self.answers: RecentTable[str, tuple[int, ...]] = RecentTable(ANSWERS_KEPT)
 
     def embedding(self, key: str) -> ImageEmbedding | None:
-        found = self._images.get(key)
-        if found is not None:
-            self._images.move_to_end(key)
-        return found
+        return self._images.get(key)
 
     def known_source(self, fingerprint: str | None, budget: int) -> tuple[str, ImageEmbedding] | None:
         """The key and embedding of a source seen before at this image budget, if still cached."""
@@ -102,33 +99,10 @@ class PromptCache:
 
     def remember_source(self, fingerprint: str | None, budget: int, key: str) -> None:
         if fingerprint:
-            _put_recent(self._sources, (fingerprint, budget), key, 4 * max(self._capacity, 1))
+            self._sources.put((fingerprint, budget), key)
 
     def remember(self, key: str, embedding: ImageEmbedding) -> None:
-        _put_recent(self._images, key, embedding, self._capacity)
+        self._images.put(key, embedding)
 
     def remember_answer(self, text: str, token_ids: tuple[int, ...]) -> None:
-        _put_recent(self.answers, text, token_ids, ANSWERS_KEPT)
-
-    def reusable_prefix(self, runs: list[Run]) -> int:
-        """Positions of `runs` already in the KV cache that can stay.
-
-        At least the last position is always re-evaluated (its logits start the answer), and a
-        prefix never ends inside an image: its rows are decoded together.
-        """
-        new_keys = [k for run in runs for k in run.keys()]
-        limit = min(len(self.keys), len(new_keys) - 1)
-        n = 0
-        while n < limit and self.keys[n] == new_keys[n]:
-            n += 1
-        start = 0
-        for run in runs:
-            end = start + len(run.keys())
-            if isinstance(run, ImageRun) and start < n < end:
-                return start
-            start = end
-        return n
-
-    def forget(self) -> None:
-        """After an error the KV cache content is unknown: reuse nothing."""
-        self.keys = []
+        self.answers.put(text, token_ids)

@@ -51,11 +51,12 @@ def test_follow_up_reuses_the_answer_tokens_as_generated(pixtral):
     image = picture(320, 240, seed=5)
     first = pixtral.describe(image, "What is this?", max_tokens=16, temperature=0)
     assert first.stats.finish_reason == "length" and first.text == first.text.rstrip(" ")
-    assert tuple(pixtral._tokenize(first.text)) != pixtral._cache.answers[first.text], "pick a seed that shows it"
+    remembered = pixtral._answerer.memo.answers[first.text]
+    assert tuple(pixtral._answerer.tokenize(first.text)) != remembered, "pick a seed that shows it"
     history = [Message("user", (Image(image), Text("What is this?"))), Message("assistant", (Text(first.text),)),
                Message("user", (Text("And the colours?"),))]
     second = pixtral.chat(history, max_tokens=1, temperature=0)
-    new_turn = 1 + 1 + len(pixtral._tokenize("And the colours?")) + 1  # </s> [INST] question [/INST]
+    new_turn = 1 + 1 + len(pixtral._answerer.tokenize("And the colours?")) + 1  # </s> [INST] question [/INST]
     assert second.stats.reused_tokens == first.stats.prompt_tokens + first.stats.generated_tokens
     assert second.stats.prompt_tokens - second.stats.reused_tokens == new_turn
 
@@ -68,7 +69,7 @@ def test_an_edited_answer_is_tokenized_afresh(pixtral):
                Message("user", (Text("Sure?"),))]
     second = pixtral.chat(history, max_tokens=1, temperature=0)
     assert second.stats.reused_tokens == first.stats.prompt_tokens  # up to where the answers differ
-    expected = len(pixtral._tokenize(edited)) + 1 + 1 + len(pixtral._tokenize("Sure?")) + 1
+    expected = len(pixtral._answerer.tokenize(edited)) + 1 + 1 + len(pixtral._answerer.tokenize("Sure?")) + 1
     assert second.stats.prompt_tokens - second.stats.reused_tokens == expected
 
 
