@@ -6,12 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pixtral_cpp.backend.sampling import SamplingOptions
+from pixtral_cpp.defaults import DEFAULT_CONTEXT, DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE
 from pixtral_cpp.images import MAX_IMAGE_SIZE, check_max_image_size
 from pixtral_cpp.valid_text import check_json_text, check_text
-
-# One 1024 px image is up to 4160 positions; 8192 holds two with room for text, and costs about
-# 1.3 GB of F16 KV cache at 12B (160 KiB per position), not the 1,024,000-token training context.
-DEFAULT_CONTEXT = 8192
 
 
 @dataclass(frozen=True)
@@ -49,8 +46,8 @@ class ModelOptions:
 class GenerationOptions:
     """One answer: length, sampling, stop strings, optional JSON schema."""
 
-    max_tokens: int = 512
-    temperature: float = 0.3  # Mistral's recommendation for Pixtral is low; 0 is greedy
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = DEFAULT_TEMPERATURE  # see pixtral_cpp.defaults
     top_p: float = 0.95
     top_k: int = 40
     repeat_penalty: float = 1.0  # 1.0: off

@@ -33,7 +33,7 @@ from pixtral_cpp.backends import (
     toolchain_problems,
     with_overrides,
 )
-from pixtral_cpp.cli_backend import backend
+from pixtral_cpp.cli.backend import backend
 
 ROOT = Path(__file__).resolve().parent.parent
 PIN = "llama-cpp-python==0.3.36"

@@ -13,7 +13,7 @@ from PIL import Image as PILImage
 
 from pixtral_cpp.batch import BatchProgress, BatchRecord, collect_images, run_batch
 from pixtral_cpp.cli import main
-from pixtral_cpp.cli_batch import batch
+from pixtral_cpp.cli.batch import batch
 from pixtral_cpp.errors import ContextLengthError, ImageError, OutputError
 from pixtral_cpp.model import PixtralModel
 from pixtral_cpp.options import GenerationOptions

@@ -1,22 +1,53 @@
-"""The interactive `pixtral-cpp chat` loop: history and pending images; the model does the rest."""
+"""`pixtral-cpp chat`: the interactive loop keeps history and pending images; the model does the rest."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from pixtral_cpp.cli import Terminated
+from pixtral_cpp.cli.group import Terminated
+from pixtral_cpp.cli.options import ModelArgs, generation_options, load_model, model_options
 from pixtral_cpp.conversation import Image, Message, Text
 from pixtral_cpp.errors import ContextLengthError, ImageError, PixtralError
 from pixtral_cpp.images import load_image
-from pixtral_cpp.model import PixtralModel
 from pixtral_cpp.options import GenerationOptions
 from pixtral_cpp.results import GenerationStats, TextChunk
 from pixtral_cpp.valid_text import check_text
 
+if TYPE_CHECKING:
+    from pixtral_cpp.model import PixtralModel
+
 HELP = "Commands: /image PATH (attach to your next message), /reset, /quit (or Ctrl-D)."
+CHAT_MAX_TOKENS = 1024  # a conversation's answers may run longer than the library's one-shot default
+
+
+@click.command()
+@click.argument("images", nargs=-1)
+@model_options
+@click.option("--system", help="System prompt.")
+@generation_options(max_tokens=CHAT_MAX_TOKENS)
+def chat(images: tuple[str, ...], model_args: ModelArgs, system: str | None, max_tokens: int,
+         temperature: float, seed: int | None) -> None:
+    """Talk about images interactively; IMAGES go with your first message."""
+    if system is not None:
+        check_text(system, "the system prompt")  # before loading the model
+    generation = GenerationOptions(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    with load_model(model_args) as pixtral:
+        run_chat(pixtral, list(images), generation, system, read_line=read_terminal_line)
+
+
+def read_terminal_line() -> str:
+    """A line typed at the terminal (with line editing), or read from a pipe without '> ' in the output."""
+    if sys.stdin.isatty():
+        return input("> ")
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\r\n")
 
 
 def run_chat(model: PixtralModel, images: list[str], generation: GenerationOptions, system: str | None,

@@ -1,30 +1,38 @@
-"""Options and model loading shared by the CLI commands that run a model."""
+"""Options and model loading shared by the CLI commands that run a model.
+
+Every default is the library's own constant (pixtral_cpp.defaults, images.MAX_IMAGE_SIZE), never retyped.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from pixtral_cpp.defaults import DEFAULT_CONTEXT, DEFAULT_TEMPERATURE
+from pixtral_cpp.images import MAX_IMAGE_SIZE
 from pixtral_cpp.model_files import MODEL_ENV
-from pixtral_cpp.options import DEFAULT_CONTEXT
+
+if TYPE_CHECKING:
+    from pixtral_cpp.model import PixtralModel
+    from pixtral_cpp.options import ModelOptions
+
+# The options model_options adds, named as ModelOptions names its fields.
+_MODEL_OPTION_FIELDS = ("n_ctx", "threads", "gpu_layers", "vision_gpu", "max_image_size", "use_mmap",
+                        "repack_weights")
 
 
 @dataclass(frozen=True)
 class ModelArgs:
-    """The model-loading options of a command, handed over as one value."""
+    """The model-loading options of a command, handed over as one value: which files, and how to load them."""
 
     model: str | None
     mmproj: str | None
-    n_ctx: int
-    threads: int | None
-    gpu_layers: int
-    vision_gpu: bool | None
-    max_image_size: int
-    use_mmap: bool | None
-    repack_weights: bool
+    options: ModelOptions
 
 
 def model_options(f: Any) -> Any:
@@ -32,10 +40,14 @@ def model_options(f: Any) -> Any:
 
     @functools.wraps(f)
     def with_model_args(*args: Any, **kwargs: Any) -> Any:
-        fields = {name: kwargs.pop(name) for name in ModelArgs.__dataclass_fields__}
-        return f(*args, model_args=ModelArgs(**fields), **kwargs)
+        from pixtral_cpp.options import ModelOptions
 
-    decorators = [
+        options = ModelOptions(**{name: kwargs.pop(name) for name in _MODEL_OPTION_FIELDS},
+                               verbose=bool(click.get_current_context().find_root().params.get("verbose")))
+        model_args = ModelArgs(model=kwargs.pop("model"), mmproj=kwargs.pop("mmproj"), options=options)
+        return f(*args, model_args=model_args, **kwargs)
+
+    return _apply(with_model_args, [
         click.option("-m", "--model", "model",
                      help=f"Text GGUF or folder (default: ${MODEL_ENV}, then the models folder)."),
         click.option("--mmproj", help="Vision projector GGUF (default: the mmproj-*.gguf beside the model)."),
@@ -46,17 +58,30 @@ def model_options(f: Any) -> Any:
                      help="Text layers to offload to the GPU (-1: all) on Metal/CUDA builds."),
         click.option("--vision-gpu/--vision-cpu", "vision_gpu", default=None,
                      help="Vision encoder on the GPU or the CPU (default: the GPU when text layers are offloaded)."),
-        click.option("--max-image-size", type=int, default=1024, show_default=True, callback=check_image_size,
+        click.option("--max-image-size", type=int, default=MAX_IMAGE_SIZE, show_default=True,
+                     callback=check_image_size,
                      help="Longest image edge in px (16..1024, multiple of 16); smaller is faster, less detail."),
         click.option("--repack/--no-repack", "repack_weights", default=False, show_default=True,
                      help="llama.cpp's repacked CPU weights: faster generation, slower load and prompt."),
         click.option("--mmap/--no-mmap", "use_mmap", default=None,
                      help="Map the model file (default: yes, unless --repack) or read it into memory."),
-    ]
-    command = with_model_args
+    ])
+
+
+def generation_options(*, max_tokens: int) -> Callable[[Any], Any]:
+    """--max-tokens (the command's default), --temperature and --seed, as the library defaults them."""
+    return lambda f: _apply(f, [
+        click.option("--max-tokens", type=click.IntRange(min=1), default=max_tokens, show_default=True),
+        click.option("--temperature", type=click.FloatRange(min=0), default=DEFAULT_TEMPERATURE, show_default=True),
+        click.option("--seed", type=int, help="Sampling seed, for repeatable answers."),
+    ])
+
+
+def _apply(f: Any, decorators: list[Callable[[Any], Any]]) -> Any:
+    """Options in the order listed (click decorators apply bottom-up)."""
     for decorator in reversed(decorators):
-        command = decorator(command)
-    return command
+        f = decorator(f)
+    return f
 
 
 def check_image_size(ctx: click.Context, param: click.Parameter, value: int) -> int:
@@ -71,18 +96,13 @@ def check_image_size(ctx: click.Context, param: click.Parameter, value: int) -> 
     return value
 
 
-def load_model(ctx: click.Context, args: ModelArgs, **extra_options: Any) -> Any:
+def load_model(args: ModelArgs, **extra_options: Any) -> PixtralModel:
     """The PixtralModel the options name; says what a smaller image budget costs."""
-    from pixtral_cpp.images import MAX_IMAGE_SIZE, max_image_tokens
+    from pixtral_cpp.images import max_image_tokens
     from pixtral_cpp.model import PixtralModel
-    from pixtral_cpp.options import ModelOptions
 
-    budget = args.max_image_size
+    budget = args.options.max_image_size
     if budget != MAX_IMAGE_SIZE:
         click.echo(f"image budget {budget} px: at most {max_image_tokens(budget)} positions per image "
                    f"({MAX_IMAGE_SIZE} px: {max_image_tokens(MAX_IMAGE_SIZE)}); less detail, faster", err=True)
-    verbose = bool(ctx.find_root().params.get("verbose"))
-    options = ModelOptions(n_ctx=args.n_ctx, threads=args.threads, gpu_layers=args.gpu_layers,
-                           vision_gpu=args.vision_gpu, max_image_size=budget, use_mmap=args.use_mmap,
-                           repack_weights=args.repack_weights, verbose=verbose, **extra_options)
-    return PixtralModel.load(args.model, args.mmproj, options)
+    return PixtralModel.load(args.model, args.mmproj, dataclasses.replace(args.options, **extra_options))

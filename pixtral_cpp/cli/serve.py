@@ -1,17 +1,22 @@
 """`pixtral-cpp serve`: the OpenAI-compatible server over pixtral_cpp.server.
 
-Registered in cli.py; Starlette and uvicorn are imported only when the command runs (the `server` extra).
+The request limits default to ServerConfig's own; Starlette and uvicorn are imported only when the
+server starts (the `server` extra).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
 
-from pixtral_cpp.cli_options import ModelArgs, load_model, model_options
+from pixtral_cpp.cli.options import ModelArgs, load_model, model_options
+from pixtral_cpp.server import ServerConfig, check_bind_address
 
 API_KEY_ENV = "PIXTRAL_CPP_API_KEY"  # so the key need not show in `ps`
+MB = 1_000_000
+DEFAULTS = {field.name: field.default for field in dataclasses.fields(ServerConfig)}
 
 
 @click.command()
@@ -27,17 +32,17 @@ API_KEY_ENV = "PIXTRAL_CPP_API_KEY"  # so the key need not show in `ps`
                    "non-loopback address, only these names are then served.")
 @click.option("--allow-image-folder", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder whose images requests may name by local path (default: none, data URLs only).")
-@click.option("--model-id", default="pixtral-12b", show_default=True, help="Model name clients use.")
-@click.option("--max-body-mb", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Largest request body in MB.")
-@click.option("--max-image-pixels", type=click.IntRange(min=1), default=4096 * 4096, show_default=True,
-              help="Largest image (width x height) a request may send.")
-@click.option("--max-images", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Most images per request.")
-@click.option("--max-tokens-limit", type=click.IntRange(min=1), default=4096, show_default=True,
-              help="Most tokens a request may ask for.")
-@click.option("--max-queued", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Requests waiting or running at once; more get 503.")
+@click.option("--model-id", default=DEFAULTS["model_id"], show_default=True, help="Model name clients use.")
+@click.option("--max-body-mb", type=click.IntRange(min=1), default=DEFAULTS["max_body_bytes"] // MB,
+              show_default=True, help="Largest request body in MB.")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULTS["max_image_pixels"],
+              show_default=True, help="Largest image (width x height) a request may send.")
+@click.option("--max-images", type=click.IntRange(min=1), default=DEFAULTS["max_images_per_request"],
+              show_default=True, help="Most images per request.")
+@click.option("--max-tokens-limit", type=click.IntRange(min=1), default=DEFAULTS["max_tokens_limit"],
+              show_default=True, help="Most tokens a request may ask for.")
+@click.option("--max-queued", type=click.IntRange(min=1), default=DEFAULTS["max_queued_requests"],
+              show_default=True, help="Requests waiting or running at once; more get 503.")
 @model_options
 @click.pass_context
 def serve(ctx: click.Context, host: str, port: int, api_key: str | None, allow_remote: bool,
@@ -46,22 +51,21 @@ def serve(ctx: click.Context, host: str, port: int, api_key: str | None, allow_r
           model_args: ModelArgs) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health)."""
     try:
-        from pixtral_cpp.server import ServerConfig, check_bind_address, run_server
+        from pixtral_cpp.server import run_server
     except ImportError as exc:  # the `server` extra is not installed
         raise click.ClickException(str(exc)) from None
 
     config = ServerConfig(api_key=api_key or None, allowed_image_folder=allow_image_folder,
-                          max_body_bytes=max_body_mb * 1_000_000, max_image_pixels=max_image_pixels,
+                          max_body_bytes=max_body_mb * MB, max_image_pixels=max_image_pixels,
                           max_tokens_limit=max_tokens_limit, max_images_per_request=max_images,
-                          max_queued_requests=max_queued, model_id=model_id,
-                          max_image_size=model_args.max_image_size, allowed_hosts=allowed_hosts)
+                          max_queued_requests=max_queued, model_id=model_id, allowed_hosts=allowed_hosts)
     check_bind_address(host, config, allow_remote=allow_remote)  # before minutes of loading
     verbose = bool(ctx.find_root().params.get("verbose"))
-    with load_model(ctx, model_args) as pixtral:
+    with load_model(model_args) as pixtral:
         click.echo(f"serving {model_id} on http://{host}:{port}/v1", err=True)
         run_server(pixtral, config, host, port, allow_remote=allow_remote,
                    log_level="info" if verbose else "warning")
 
 
-if __name__ == "__main__":  # `python -m pixtral_cpp.cli_serve`, until cli.py registers the command
+if __name__ == "__main__":  # `python -m pixtral_cpp.cli.serve`
     serve()

@@ -8,7 +8,7 @@ from typing import TextIO
 
 import click
 
-from pixtral_cpp.convert.output import format_bytes
+from pixtral_cpp.formatting import format_bytes
 
 
 class TerminalProgress:

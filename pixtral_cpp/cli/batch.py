@@ -6,26 +6,24 @@ from pathlib import Path
 
 import click
 
-from pixtral_cpp.cli_options import ModelArgs, load_model, model_options
-from pixtral_cpp.cli_progress import TerminalProgress
+from pixtral_cpp.cli.options import ModelArgs, generation_options, load_model, model_options
+from pixtral_cpp.cli.progress import TerminalProgress
+from pixtral_cpp.defaults import DEFAULT_MAX_TOKENS, DEFAULT_PROMPT
 
 
 @click.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--jsonl", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output file, one record per image; re-run with the same file to resume.")
-@click.option("-p", "--prompt", default="Describe this image in detail.", show_default=True,
+@click.option("-p", "--prompt", default=DEFAULT_PROMPT, show_default=True,
               help="Asked of each image on its own (an image counts as done only for the same prompt).")
 @click.option("-r", "--recursive", is_flag=True, help="Look for images in sub-folders too.")
 @click.option("--retry-failed", is_flag=True,
               help="Try again the images whose record for this prompt is an error (after fixing them).")
 @model_options
-@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.3, show_default=True)
-@click.option("--seed", type=int, help="Sampling seed, for repeatable answers.")
+@generation_options(max_tokens=DEFAULT_MAX_TOKENS)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@click.pass_context
-def batch(ctx: click.Context, inputs: tuple[str, ...], out: Path, prompt: str, recursive: bool,
+def batch(inputs: tuple[str, ...], out: Path, prompt: str, recursive: bool,
           retry_failed: bool, model_args: ModelArgs, max_tokens: int, temperature: float, seed: int | None,
           quiet: bool) -> None:
     """Describe each image of INPUTS (folders, image files) on its own: one JSON line per image.
@@ -57,7 +55,7 @@ def batch(ctx: click.Context, inputs: tuple[str, ...], out: Path, prompt: str, r
                 progress.end()
 
     # One image at a time: keeping past embeddings for follow-up questions would only use memory.
-    with load_model(ctx, model_args, image_cache_size=1) as pixtral:
+    with load_model(model_args, image_cache_size=1) as pixtral:
         try:
             summary = run_batch(pixtral, images, out, prompt=prompt, generation=generation,
                                 on_progress=on_progress, retry_failed=retry_failed)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from pixtral_cpp.convert.output import format_bytes
-from pixtral_cpp.model_files import PairInfo
+from typing import TYPE_CHECKING
+
+from pixtral_cpp.formatting import format_bytes
+
+if TYPE_CHECKING:
+    from pixtral_cpp.model_files import PairInfo
 
 
 def format_pair_info(pair: PairInfo) -> str:
+    """The pair as aligned lines: each file's type, size and shape, then whether the two match."""
     t, v = pair.text, pair.vision
     types = ", ".join(f"{name} x{count}" for name, count in sorted(t.tensor_types.items(), key=lambda kv: -kv[1]))
     lines = [

@@ -1,0 +1,15 @@
+"""The library's defaults, declared once and read by every face (API, CLI, server).
+
+Light on purpose (no imports): `pixtral-cpp --help` reads these without loading the model.
+"""
+
+from __future__ import annotations
+
+DEFAULT_PROMPT = "Describe this image in detail."
+
+# One 1024 px image is up to 4160 positions; 8192 holds two with room for text, and costs about
+# 1.3 GB of F16 KV cache at 12B (160 KiB per position), not the 1,024,000-token training context.
+DEFAULT_CONTEXT = 8192
+
+DEFAULT_MAX_TOKENS = 512
+DEFAULT_TEMPERATURE = 0.3  # Mistral's recommendation for Pixtral is low; 0 is greedy
