@@ -51,11 +51,11 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(converted, image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Base URL of `python -m pixtral_cpp.cli_serve` on a free loopback port, stopped afterwards."""
+    """Base URL of `python -m pixtral_cpp.cli.serve` on a free loopback port, stopped afterwards."""
     text, mmproj = converted("F16", "F16")
     port = _free_port()
     log = (tmp_path_factory.mktemp("server-log") / "server.log").open("w+")
-    command = [sys.executable, "-m", "pixtral_cpp.cli_serve", "-m", str(text), "--mmproj", str(mmproj),
+    command = [sys.executable, "-m", "pixtral_cpp.cli.serve", "-m", str(text), "--mmproj", str(mmproj),
                "--port", str(port), "--ctx", "2048", "--threads", "2", "--max-image-size", "64",
                "--max-image-pixels", str(MAX_IMAGE_PIXELS), "--max-images", str(MAX_IMAGES),
                "--max-body-mb", "1", "--allow-image-folder", str(image_folder)]
@@ -330,7 +330,7 @@ def test_only_loopback_is_served_without_a_key():
 
 
 def test_serve_defaults_are_the_config_defaults():
-    from pixtral_cpp.cli_serve import serve
+    from pixtral_cpp.cli.serve import serve
 
     defaults = {param.name: param.default for param in serve.params}
     config = ServerConfig()
