@@ -320,6 +320,25 @@ def test_local_paths_are_refused_without_an_allowed_folder(image_folder):
     assert allowed.messages[0].parts[0].source.shape == (16, 32, 3)  # prepared (24 px -> 2 patches) before it queues
 
 
+WITHOUT_STARLETTE = """
+import sys
+sys.modules["starlette"] = sys.modules["uvicorn"] = None  # as if the `server` extra were not installed
+from pixtral_cpp.server import ServerConfig, check_bind_address
+from pixtral_cpp.server.protocol import parse_chat_request
+assert "starlette" not in [name.partition(".")[0] for name, module in sys.modules.items() if module]
+try:
+    from pixtral_cpp.server import run_server
+except ImportError as error:
+    print(error)
+"""
+
+
+def test_the_rules_import_without_starlette_and_the_server_says_what_to_install():
+    done = subprocess.run([sys.executable, "-c", WITHOUT_STARLETTE], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "pip install 'pixtral-cpp[server]'" in done.stdout
+
+
 def test_only_loopback_is_served_without_a_key():
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
         check_bind_address(host, ServerConfig())
