@@ -219,3 +219,15 @@ def test_sigterm_ends_a_waiting_chat_with_one_line(model_path):
     assert proc.returncode == 1
     # a chat writes no file, so it does not speak of half-written ones (issue 10)
     assert stderr.decode().splitlines() == ["Error: interrupted by SIGTERM"]
+
+
+# -- serve options ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key, problem", [(" ", "the API key must not be empty"),
+                                          ("ab\x01cd", "the API key holds a control character")])
+def test_an_unusable_api_key_is_one_line_before_loading(key, problem, tmp_path):
+    result = CliRunner().invoke(main, ["serve", "--model", str(tmp_path / "no-model.gguf")],
+                                env={"PIXTRAL_CPP_API_KEY": key})
+    assert result.exit_code == 1
+    assert_one_error_line(result.output, problem)  # not "no model at ...": the key is checked first
