@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pixtral_cpp.errors import OutputError
+from pixtral_cpp.formatting import format_bytes
 
 PARTIAL_SUFFIX = ".partial"
 # Metadata (vocabulary, merges, template) and alignment padding, on top of the tensor bytes.
@@ -105,11 +106,3 @@ def _fsync_folder(folder: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"

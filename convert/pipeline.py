@@ -16,7 +16,6 @@ from pixtral_cpp.convert.metadata import MMPROJ_ARCH, TEXT_ARCH, add_mmproj_meta
 from pixtral_cpp.convert.output import (
     METADATA_ALLOWANCE,
     check_free_space,
-    format_bytes,
     partial_path,
     prepare_output_dir,
     publish_together,
@@ -37,6 +36,7 @@ from pixtral_cpp.convert.tensor_map import Target
 from pixtral_cpp.convert.writer import write_gguf
 
 from pixtral_cpp.errors import CheckpointError
+from pixtral_cpp.formatting import format_bytes
 from pixtral_cpp.paths import default_models_dir
 
 if TYPE_CHECKING:
