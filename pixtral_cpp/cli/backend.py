@@ -7,12 +7,10 @@ from typing import TYPE_CHECKING
 
 import click
 
-from pixtral_cpp.backends import (
-    InstalledBackend,
+from pixtral_cpp.build_presets import (
     check_toolchain,
     get_preset,
     install_command,
-    installed_backend,
     load_presets,
     parse_define,
     run_install,
@@ -21,7 +19,7 @@ from pixtral_cpp.backends import (
 )
 
 if TYPE_CHECKING:
-    from pixtral_cpp.backend._native import NativeDevice
+    from pixtral_cpp.backend.build_info import InstalledBackend, NativeDevice
 
 
 @click.group(invoke_without_command=True)
@@ -36,6 +34,8 @@ def backend(ctx: click.Context) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(as_json: bool) -> None:
     """Build info, GPU offload, the devices llama.cpp sees, and the preset the build matches."""
+    from pixtral_cpp.backend.build_info import installed_backend  # loads llama.cpp's libraries
+
     report = installed_backend()
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
