@@ -1,11 +1,10 @@
-"""Pixtral image encoding through libmtmd, with the [IMG_BREAK] rows repaired, and mixed prompts."""
+"""Pixtral image encoding through libmtmd, with the [IMG_BREAK] rows repaired."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from pixtral_cpp.errors import BackendError, ImageError, ModelError
 from pixtral_cpp.gguf_file import read_gguf_header
 
 IMG_BREAK_TENSOR = "v.token_embd.img_break"
-IMG_END_TOKEN = "[IMG_END]"
 
 
 @dataclass(frozen=True)
@@ -196,29 +194,3 @@ def _read_mmproj(path: Path, n_embd: int) -> _MmprojInfo:
     if vector.shape != (n_embd,) or not np.isfinite(vector).all():
         raise ModelError(f"{IMG_BREAK_TENSOR} in {path} has {vector.size} values (need {n_embd}, all finite)")
     return _MmprojInfo(patch_size, vector)
-
-
-Segment = Sequence[int] | np.ndarray
-
-
-def prompt_logits(text_model: TextModel, vision: VisionContext | None, segments: Sequence[Segment]) -> np.ndarray:
-    """Last-position logits of a fresh sequence of token lists and images (H, W, 3), in order.
-
-    Each image is followed by the [IMG_END] token, as mtmd and mistral-common lay it out.
-    """
-    text_model.clear()
-    img_end = text_model.token_id(IMG_END_TOKEN)
-    pending: list[int] = []
-    for segment in segments:
-        if isinstance(segment, np.ndarray) and segment.ndim == 3:
-            if vision is None:
-                raise ImageError("an image segment needs a VisionContext")
-            if pending:
-                text_model.eval_tokens(pending)
-            text_model.decode_embeddings(vision.encode_rgb(segment).embeddings)
-            pending = [img_end]
-        else:
-            pending.extend(int(t) for t in segment)
-    if not pending:
-        raise ValueError("prompt_logits needs at least one token or image")
-    return text_model.eval_tokens(pending)
