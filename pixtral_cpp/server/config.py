@@ -9,6 +9,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from pixtral_cpp.defaults import DEFAULT_MAX_TOKENS
 from pixtral_cpp.errors import ServerConfigError, UnsafeBindError
 
 
@@ -24,7 +25,7 @@ class ServerConfig:
     max_body_bytes: int = 20_000_000  # a 20 MB body holds about 15 MB of base64 images
     max_image_pixels: int = 4096 * 4096  # refused before decoding; Pixtral downsizes to 1024 px anyway
     max_tokens_limit: int = 4096  # the most a request may ask for; the context may allow fewer
-    default_max_tokens: int = 512  # when the request names no max_tokens
+    default_max_tokens: int = DEFAULT_MAX_TOKENS  # when the request names no max_tokens
     max_images_per_request: int = 8  # each image costs up to 4160 context positions
     max_queued_requests: int = 16  # waiting or running; more are refused with 503
     model_id: str = "pixtral-12b"
