@@ -18,13 +18,12 @@ from typing import Any, ParamSpec, TypeVar
 from pixtral_cpp.aio import stream_in_thread
 from pixtral_cpp.control import CancelToken, ProgressCallback
 from pixtral_cpp.conversation import Image, Message, Text
+from pixtral_cpp.defaults import DEFAULT_PROMPT
 from pixtral_cpp.errors import ConversationError
 from pixtral_cpp.images import ImageSource
 from pixtral_cpp.options import GenerationOptions
 from pixtral_cpp.results import Chunk, Completion, TextChunk
 from pixtral_cpp.valid_text import check_text
-
-DEFAULT_PROMPT = "Describe this image in detail."
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -43,8 +42,7 @@ def collected(stream: Callable[P, Iterator[Chunk]], doc: str) -> Callable[P, Com
                 parts.append(chunk.text)
         raise AssertionError("a stream always ends with its statistics")
 
-    return _form_of(collect, stream, stream.__name__.removeprefix("stream_"), doc,
-                    inspect.signature(stream).replace(return_annotation="Completion"))
+    return _form_of(collect, stream.__name__.removeprefix("stream_"), doc, beside=stream, returns="Completion")
 
 
 def in_thread(stream: Callable[P, Iterator[Chunk]], doc: str) -> Callable[P, AsyncIterator[Chunk]]:
@@ -54,8 +52,7 @@ def in_thread(stream: Callable[P, Iterator[Chunk]], doc: str) -> Callable[P, Asy
         cancel = kwargs.pop("cancel", None)  # keyword-only in every form
         return stream_in_thread(lambda token: stream(*args, **kwargs, cancel=token), cancel)  # type: ignore[arg-type]
 
-    return _form_of(run, stream, "a" + stream.__name__, doc,
-                    inspect.signature(stream).replace(return_annotation="AsyncIterator[Chunk]"))
+    return _form_of(run, "a" + stream.__name__, doc, beside=stream, returns="AsyncIterator[Chunk]")
 
 
 def describing(chat_form: Callable[..., R], doc: str):  # returns `describe` below: type checkers infer it
@@ -68,17 +65,19 @@ def describing(chat_form: Callable[..., R], doc: str):  # returns `describe` bel
         return chat_form(self, _describe_messages(images, prompt, system), options, cancel=cancel,
                          on_progress=on_progress, **option_fields)
 
-    returns = inspect.signature(chat_form).return_annotation
-    return _form_of(describe, chat_form, chat_form.__name__.replace("chat", "describe"), doc,
-                    inspect.signature(describe).replace(return_annotation=returns))
+    return _form_of(describe, chat_form.__name__.replace("chat", "describe"), doc, beside=chat_form,
+                    parameters=describe, returns=inspect.signature(chat_form).return_annotation)
 
 
-def _form_of(form: F, sibling: Callable[..., Any], name: str, doc: str, signature: inspect.Signature) -> F:
-    """`form` as the method `name` of `sibling`'s class, with `doc` and the `signature` help() shows."""
+def _form_of(form: F, name: str, doc: str, *, beside: Callable[..., Any], returns: str,
+             parameters: Callable[..., Any] | None = None) -> F:
+    """`form` as the method `name` of `beside`'s class, with `doc`, and for help() the signature of
+    `parameters` (default: `beside`) returning `returns`."""
     form.__name__ = name
-    form.__qualname__ = f"{sibling.__qualname__.rpartition('.')[0]}.{name}"
-    form.__module__ = sibling.__module__
+    form.__qualname__ = f"{beside.__qualname__.rpartition('.')[0]}.{name}"
+    form.__module__ = beside.__module__
     form.__doc__ = doc
+    signature = inspect.signature(parameters or beside).replace(return_annotation=returns)
     form.__signature__ = signature  # type: ignore[attr-defined]
     return form
 

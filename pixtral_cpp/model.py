@@ -23,17 +23,16 @@ import numpy as np
 
 from pixtral_cpp.answer import Answerer
 from pixtral_cpp.backend import TextModel, TextModelOptions, VisionContext, llama_supports_gpu_offload, set_verbose
-from pixtral_cpp.call_forms import DEFAULT_PROMPT, collected, describing, in_thread
+from pixtral_cpp.call_forms import collected, describing, in_thread
 from pixtral_cpp.control import CallControl, CancelToken, ProgressCallback
 from pixtral_cpp.conversation import Message, normalize_messages
+from pixtral_cpp.defaults import DEFAULT_PROMPT  # noqa: F401 - importable from here, as before
 from pixtral_cpp.errors import PixtralError
 from pixtral_cpp.model_files import ModelFiles, PairInfo, check_pair, find_model_files
 from pixtral_cpp.options import GenerationOptions, ModelOptions
 from pixtral_cpp.placement import Placement, plan_placement
 from pixtral_cpp.results import Chunk
 from pixtral_cpp.system import physical_cores
-
-__all__ = ["DEFAULT_PROMPT", "ModelBusyError", "PixtralModel"]
 
 Messages = Sequence[Message | dict[str, Any]]
 

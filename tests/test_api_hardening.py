@@ -197,3 +197,32 @@ def test_every_refusal_is_a_pixtral_error():
     for bad in ([{"role": "user", "content": "\ud800"}], [image_of_a_number]):
         with pytest.raises(PixtralError):
             normalize_messages(bad, allow_local_files=True)
+
+
+# -- the call forms ------------------------------------------------------------------------------------
+
+CHAT_PARAMETERS = ["self", "messages", "options", "cancel", "on_progress", "option_fields"]
+DESCRIBE_PARAMETERS = ["self", "images", "prompt", "options", "system", "cancel", "on_progress", "option_fields"]
+
+
+@pytest.mark.parametrize(("form", "returns"), [("", "Completion"), ("stream_", "Iterator[Chunk]"),
+                                               ("astream_", "AsyncIterator[Chunk]")])
+def test_every_form_shows_its_parameters_name_and_docstring(form, returns):
+    import inspect
+
+    from pixtral_cpp.defaults import DEFAULT_PROMPT
+
+    for kind, names in (("chat", CHAT_PARAMETERS), ("describe", DESCRIBE_PARAMETERS)):
+        method = getattr(PixtralModel, form + kind)
+        signature = inspect.signature(method)
+        assert list(signature.parameters) == names and signature.return_annotation == returns
+        keyword_only = [p.name for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY]
+        assert keyword_only == ["system", "cancel", "on_progress"][kind == "chat":]
+        assert signature.parameters["options"].default is None
+        assert method.__qualname__ == f"PixtralModel.{form}{kind}" and method.__doc__.strip()
+    assert inspect.signature(PixtralModel.describe).parameters["prompt"].default == DEFAULT_PROMPT
+
+
+def test_a_describe_form_refuses_a_bad_prompt_at_the_call_even_for_asyncio(small):
+    with pytest.raises(ConversationError, match="the prompt holds a lone surrogate"):
+        small.astream_describe(png_bytes(32, 32, 0), "\ud800")  # not only once iterated
