@@ -8,7 +8,7 @@ RSS of `pixtral-cpp convert` (one process), and of llama.cpp's route (convert_hf
 bf16, then llama_model_quantize, the function llama-quantize runs, for quantized types), each step in
 its own process; medians over --runs, alternating the routes. The llama.cpp route covers the text
 model only: its mmproj route does not produce a loadable Pixtral projector in this version
-(pixtral-gguf-facts.md §0.1); pixtral-cpp's time includes its mmproj.
+(docs/gguf-layout.md §6); pixtral-cpp's time includes its mmproj.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ from measure import Measurement, measure
 
 from pixtral_cpp.synthetic import write_synthetic_checkpoint
 
+# llama.cpp's own quantizer, the one tests/test_quant_mix.py compares with, run from the repository root.
+ROOT = Path(__file__).resolve().parent.parent
 _QUANTIZE_SNIPPET = (
-    "import sys; from pixtral_cpp.backend.quantize import LLAMA_FTYPES, quantize_gguf; "
+    f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.llama_reference import LLAMA_FTYPES, quantize_gguf; "
     "quantize_gguf(sys.argv[1], sys.argv[2], LLAMA_FTYPES[sys.argv[3]], threads=int(sys.argv[4]))"
 )
 

@@ -142,7 +142,7 @@ def _require(condition: bool, message: str) -> None:
 
 
 def _check_backend(state: _State) -> str:
-    from pixtral_cpp.backends import installed_backend
+    from pixtral_cpp.backend import installed_backend
 
     backend = installed_backend(presets={})  # the build as its libraries report it; no preset file needed
     _require(bool(backend.devices), "llama.cpp found no device at all (not even the CPU)")

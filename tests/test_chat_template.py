@@ -7,16 +7,15 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
-import llama_cpp
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter, MTMDChatHandler
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from PIL import Image
+
+from pixtral_cpp.backend import llama_cpp_python
 from pixtral_cpp.convert.chat_template import MEDIA_MARKER, PIXTRAL_CHAT_TEMPLATE, render_chat
 from pixtral_cpp.convert.tokenizer import load_tekken
-
-from pixtral_cpp.synthetic.tekken import real_tekken_path, write_vocab_gguf
+from pixtral_cpp.synthetic.tekken import real_tekken_path
 from tests.mistral_reference import (
     BOS,
     CONVERSATIONS,
@@ -27,6 +26,12 @@ from tests.mistral_reference import (
     mistral_request,
     with_image_layouts,
 )
+from tests.vocab_gguf import write_vocab_gguf
+
+# llama-cpp-python's own chat handlers are the reference here.
+llama_cpp = llama_cpp_python()
+Jinja2ChatFormatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter
+MTMDChatHandler = llama_cpp.llama_chat_format.MTMDChatHandler
 
 
 def openai_messages(conversation: Conversation) -> list[dict[str, Any]]:

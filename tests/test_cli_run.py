@@ -58,7 +58,7 @@ def test_describe_without_mmap_answers_the_same(model_path, photo):
 
 def test_repack_where_it_would_crash_is_a_clear_error(model_path, photo, converted):
     """On AMX CPUs llama.cpp's repacked matmul segfaults on the first decode: refused before loading."""
-    from pixtral_cpp.backend._native import repacking_is_safe
+    from pixtral_cpp.backend import repacking_is_safe
 
     quantized = str(converted("Q4_K_M", "F16")[0])
     result = run("describe", photo, "--model", quantized, "--max-tokens", "2", "--ctx", "2048", "--repack")

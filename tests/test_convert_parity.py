@@ -1,6 +1,6 @@
 """Converted files against transformers on the same random weights, per output type.
 
-Tolerances are runtime-findings.md §4's measured figures with headroom: max |diff| over max |logit|.
+Tolerances are docs/runtime-notes.md §4's measured figures with headroom: max |diff| over max |logit|.
 """
 
 from __future__ import annotations
@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 from pixtral_cpp.backend.text import TextModel, TextModelOptions
-from pixtral_cpp.backend.vision import VisionContext, prompt_logits
+from pixtral_cpp.backend.vision import VisionContext
+from tests.llama_reference import prompt_logits
 from tests.reference import load_reference, segments_reference_logits
 
 # [INST]…[/INST] around a few words; ids from the real tekken (1 <s>, 3 [INST], 4 [/INST]).
 TEXT_PROMPT = [1, 3, 1049, 3263, 1278, 4209, 1307, 1278, 4745, 1046, 4]
 EXACT = TextModelOptions(n_ctx=2048, kv_cache_type="f32", flash_attn="off", n_threads=2)
-# F32 images have a floor of 1e-4..4e-4 from llama.cpp's F16 im2col and tabulated GELU (findings §4).
+# F32 images have a floor of 1e-4..4e-4 from llama.cpp's F16 im2col and tabulated GELU (docs/runtime-notes.md §4).
 TOLERANCE = {"F32": {"text": 1e-5, "image": 1e-3}, "F16": 3e-3, "BF16": 1.2e-2, "Q8_0": 5e-2}
 
 

@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
+
+from pixtral_cpp.backend.row_quantizer import RowQuantizer
 from pixtral_cpp.convert import ConvertOptions, convert_checkpoint
 from pixtral_cpp.convert.quant_mix import MIXES
-
-from pixtral_cpp.backend.quantize import LLAMA_FTYPES, quantize_gguf
-from pixtral_cpp.backend.row_quantizer import RowQuantizer
 from pixtral_cpp.errors import QuantizationError
 from pixtral_cpp.gguf_file import read_gguf_header
 from pixtral_cpp.synthetic import write_synthetic_checkpoint
 from pixtral_cpp.synthetic.shapes import SyntheticShape, TextShape, VisionShape
+from tests.llama_reference import LLAMA_FTYPES, quantize_gguf
 
 QUANTIZED = [name for name, mix in MIXES.items() if mix.quantized]
 # Rows of 96 and 144 values: K-quants fall back to 32-blocks, 144-value rows of Q4_0/Q5_x to F16;

@@ -9,9 +9,10 @@ import re
 from pathlib import Path
 
 import gguf
-import llama_cpp
 import pytest
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+from pixtral_cpp.backend import llama_cpp_python
 from pixtral_cpp.convert.tokenizer import (
     Vocabulary,
     load_tekken,
@@ -19,18 +20,19 @@ from pixtral_cpp.convert.tokenizer import (
     load_vocabulary,
     token_bytes_of,
 )
-
 from pixtral_cpp.errors import TokenizerError
 from pixtral_cpp.synthetic.tekken import (
     DEFAULT_NUM_ORDINARY,
     real_tekken_path,
     write_small_tekken,
     write_tokenizer_json,
-    write_vocab_gguf,
 )
+from tests.vocab_gguf import write_vocab_gguf
+
+llama_cpp = llama_cpp_python()  # llama-cpp-python's own tokenizer is the reference here
 
 # Devanagari (and other scripts built on combining marks) is left out on purpose: llama.cpp's tekken
-# regex splits combining marks differently from tiktoken (runtime-findings §5: `हिन्दी` is 3 tokens in
+# regex splits combining marks differently from tiktoken (docs/runtime-notes.md §5: `हिन्दी` is 3 tokens in
 # llama.cpp, 1 in mistral-common). Everything below matched token for token.
 CORPUS = [
     # prose
@@ -193,7 +195,7 @@ def test_tokenizer_json_route_tokenizes_like_mistral_common(real_vocab_from_json
 
 def test_corpus_tells_tekken_from_the_pixtral_pre_tokenizer(real_vocab: Vocabulary, tekkenizer: Tekkenizer,
                                                             tmp_path: Path) -> None:
-    # What llama.cpp's converter picks for a transformers tokenizer.json (facts §4.1): LLAMA3's regex.
+    # What llama.cpp's converter picks for a transformers tokenizer.json (docs/gguf-layout.md §6): LLAMA3's regex.
     llama = open_vocab_only(dataclasses.replace(real_vocab, pre="pixtral"), tmp_path / "pixtral-pre.gguf")
     differing = [text for text in CORPUS if llama.tokenize(text.encode("utf-8"), add_bos=False, special=False)
                  != tekkenizer.encode(text, bos=False, eos=False)]

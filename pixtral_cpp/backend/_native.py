@@ -12,7 +12,6 @@ import functools
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -104,6 +103,18 @@ def schema_converter() -> Callable[..., str]:
     return json_schema_to_gbnf
 
 
+def llama_cpp_python() -> ModuleType:
+    """llama-cpp-python's own package (its ``Llama`` class, chat formatters), with the logs routed.
+
+    pixtral-cpp itself uses only the ctypes bindings; the tests hold llama-cpp-python's high-level
+    API up as a reference, and get it here so that no module outside the backend imports ``llama_cpp``.
+    """
+    bindings()
+    import llama_cpp
+
+    return llama_cpp
+
+
 def set_verbose(verbose: bool) -> None:
     """Forward llama.cpp's log output to the ``pixtral_cpp.llama`` logger (True) or drop it (False)."""
     bindings()
@@ -129,21 +140,6 @@ class log_listener:
         _router.listeners.remove(self._listener)
 
 
-@functools.cache
-def cpu_features() -> dict[str, str]:
-    """llama.cpp's CPU feature report, e.g. {"AVX2": "1", "AMX_INT8": "1", "REPACK": "1"}."""
-    llama, _ = bindings()
-    info = llama.llama_print_system_info().decode(errors="replace")
-    pairs = (item.split("=", 1) for item in info.replace("CPU :", "|").split("|") if "=" in item)
-    return {key.strip(): value.strip() for key, value in pairs}
-
-
-def repacking_is_safe() -> bool:
-    """False where llama.cpp would repack weights into its AMX buffer, whose matmul segfaults on the
-    first decode (ggml-org/llama.cpp#20824, open; reproduced here with every quantized text model)."""
-    return cpu_features().get("AMX_INT8") != "1"
-
-
 def is_gguf(path: Path) -> bool:
     """True if ``path`` is a file that starts with the GGUF magic (llama.cpp may abort on other files)."""
     try:
@@ -153,24 +149,11 @@ def is_gguf(path: Path) -> bool:
         return False
 
 
-# --- What the installed llama.cpp build can do (for `pixtral-cpp backend info`) ---------------------
-
-# enum ggml_backend_dev_type in ggml-backend.h, in order.
-_GGML_DEVICE_TYPES = ("CPU", "GPU", "IGPU", "ACCEL", "META")
+# --- ggml's shared libraries, for the functions llama-cpp-python does not bind ----------------------
 
 
-@dataclass(frozen=True)
-class NativeDevice:
-    """One device the ggml backend registry sees, e.g. ("CUDA0", "NVIDIA H100", "GPU", 80e9, 79e9)."""
-
-    name: str
-    description: str
-    type: str  # CPU, GPU, IGPU (integrated GPU), ACCEL (BLAS, AMX), META
-    memory_total: int  # bytes; 0 where the backend does not say
-    memory_free: int
-
-
-def _load_ggml(name: str) -> ctypes.CDLL:
+def ggml_library(name: str) -> ctypes.CDLL:
+    """A ggml library ("ggml", "ggml-base") from llama-cpp-python's lib folder: the copy libllama uses."""
     llama, _ = bindings()
     from llama_cpp._ctypes_extensions import load_shared_library
 
@@ -180,80 +163,4 @@ def _load_ggml(name: str) -> ctypes.CDLL:
 @functools.cache
 def ggml_base_library() -> ctypes.CDLL:
     """libggml-base, the one libllama uses (tensor types, row quantizers, device accessors)."""
-    return _load_ggml("ggml-base")
-
-
-@functools.cache
-def _ggml_libraries() -> tuple[ctypes.CDLL, ctypes.CDLL]:
-    """(libggml, libggml-base) from llama-cpp-python's lib folder, with the device API typed.
-
-    llama-cpp-python binds none of ggml's backend registry functions. Loading the libraries again by
-    path returns the copies libllama already uses, so this sees the same registry. The registry lives
-    in libggml, the device accessors in libggml-base (Windows does not resolve one through the other).
-    """
-    ggml, base = _load_ggml("ggml"), ggml_base_library()
-    for lib, name, restype, argtypes in (
-        (ggml, "ggml_backend_reg_count", ctypes.c_size_t, []),
-        (ggml, "ggml_backend_reg_get", ctypes.c_void_p, [ctypes.c_size_t]),
-        (ggml, "ggml_backend_dev_count", ctypes.c_size_t, []),
-        (ggml, "ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t]),
-        (base, "ggml_backend_reg_name", ctypes.c_char_p, [ctypes.c_void_p]),
-        (base, "ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p]),
-        (base, "ggml_backend_dev_description", ctypes.c_char_p, [ctypes.c_void_p]),
-        (base, "ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p]),
-        (base, "ggml_backend_dev_memory", None,
-         [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]),
-        (base, "ggml_version", ctypes.c_char_p, []),
-        (base, "ggml_commit", ctypes.c_char_p, []),
-    ):
-        function = getattr(lib, name)
-        function.restype, function.argtypes = restype, argtypes
-    return ggml, base
-
-
-def _text(raw: bytes | None) -> str:
-    return (raw or b"").decode("utf-8", errors="replace")
-
-
-def system_info() -> str:
-    """llama.cpp's one-line build report, e.g. "CPU : SSE3 = 1 | AVX2 = 1 | ... | REPACK = 1 |"."""
-    llama, _ = bindings()
-    return _text(llama.llama_print_system_info()).strip()
-
-
-def ggml_version() -> tuple[str, str]:
-    """(version, commit) of the ggml library llama-cpp-python was built with, e.g. ("0.25.3", "abc1234")."""
-    _, base = _ggml_libraries()
-    return _text(base.ggml_version()), _text(base.ggml_commit())
-
-
-def llama_supports_gpu_offload() -> bool:
-    """True if the build has a GPU backend that can hold model layers (CUDA, Metal, Vulkan, ...)."""
-    llama, _ = bindings()
-    return bool(llama.llama_supports_gpu_offload())
-
-
-def backend_registries() -> tuple[str, ...]:
-    """Names of the backends compiled in, e.g. ("CUDA", "CPU"); present even where they find no device."""
-    ggml, base = _ggml_libraries()
-    return tuple(_text(base.ggml_backend_reg_name(ggml.ggml_backend_reg_get(i)))
-                 for i in range(ggml.ggml_backend_reg_count()))
-
-
-def backend_devices() -> tuple[NativeDevice, ...]:
-    """Every device the compiled-in backends found on this machine, in llama.cpp's order."""
-    ggml, base = _ggml_libraries()
-    devices = []
-    for i in range(ggml.ggml_backend_dev_count()):
-        device = ggml.ggml_backend_dev_get(i)
-        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        base.ggml_backend_dev_memory(device, ctypes.byref(free), ctypes.byref(total))
-        kind = base.ggml_backend_dev_type(device)
-        devices.append(NativeDevice(
-            name=_text(base.ggml_backend_dev_name(device)),
-            description=_text(base.ggml_backend_dev_description(device)).strip(),
-            type=_GGML_DEVICE_TYPES[kind] if 0 <= kind < len(_GGML_DEVICE_TYPES) else f"type {kind}",
-            memory_total=total.value,
-            memory_free=free.value,
-        ))
-    return tuple(devices)
+    return ggml_library("ggml-base")

@@ -12,7 +12,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from pixtral_cpp.backend._native import bindings, is_gguf, last_native_error, repacking_is_safe
+from pixtral_cpp.backend._native import bindings, is_gguf, last_native_error
+from pixtral_cpp.backend.build_info import repacking_is_safe
 from pixtral_cpp.errors import BackendError, ModelError
 
 _GGML_TYPE = {"f32": 0, "f16": 1}  # enum ggml_type values used for the KV cache

@@ -1,13 +1,21 @@
-"""Quantization of a GGUF file (text model or mmproj) with llama.cpp's own quantizer."""
+"""llama.cpp's own routes, as references for tests and benchmarks: its quantizer, and logits of a mixed
+prompt evaluated straight through the backend (no chat template, no prompt cache).
+
+pixtral-cpp quantizes while converting (convert/ with backend/row_quantizer.py) and never calls
+llama_model_quantize; tests compare its output with this one, and bench_convert.py times it.
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pixtral_cpp.backend._native import bindings, is_gguf, last_native_error, log_listener
-from pixtral_cpp.errors import QuantizationError
+import numpy as np
+
+from pixtral_cpp.backend import TextModel, VisionContext, bindings, is_gguf, last_native_error, log_listener
+from pixtral_cpp.convert.tokenizer import IMG_END_TOKEN
+from pixtral_cpp.errors import ImageError, QuantizationError
 
 # llama_ftype values (include/llama.h, mirrored as llama_cpp.LLAMA_FTYPE_*). Hard-coded so that the
 # table is available without loading the shared library; a test checks it against the bindings.
@@ -24,6 +32,10 @@ TensorProgress = Callable[[int, int, str], None]
 
 # llama-quant.cpp logs "[%4d/%4d] %-36s - [shape], type = ..." once per tensor, before converting it.
 _TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
+
+# llama.cpp converts each tensor to float32 in slabs of up to this size (default 8 GiB, i.e. the whole
+# 131072 x 5120 embedding at once): a small slab bounds peak memory at no cost in speed.
+QUANTIZE_SLAB_BYTES = 256 * 1024 * 1024
 
 
 class _ProgressParser:
@@ -43,9 +55,6 @@ class _ProgressParser:
             self.error = exc
 
 
-QUANTIZE_SLAB_BYTES = 256 * 1024 * 1024
-
-
 def quantize_gguf(
     src: Path,
     dst: Path,
@@ -55,7 +64,7 @@ def quantize_gguf(
     allow_requantize: bool = False,
     on_tensor: TensorProgress | None = None,
 ) -> None:
-    """Write ``dst``, a copy of the GGUF ``src`` quantized to the llama_ftype ``ftype``."""
+    """Write ``dst``, a copy of the GGUF ``src`` quantized to the llama_ftype ``ftype`` by llama.cpp."""
     src, dst = Path(src), Path(dst)
     _check_inputs(src, dst, ftype)
     llama, _ = bindings()
@@ -63,8 +72,6 @@ def quantize_gguf(
     params.nthread = threads
     params.ftype = ftype
     params.allow_requantize = allow_requantize
-    # llama.cpp converts each tensor to float32 in slabs of up to this size (default 8 GiB, i.e. the
-    # whole 131072 x 5120 embedding at once): a small slab bounds peak memory at no cost in speed.
     params.max_buf_size = QUANTIZE_SLAB_BYTES
     parser = _ProgressParser(on_tensor) if on_tensor is not None else None
     if parser is not None:
@@ -74,8 +81,7 @@ def quantize_gguf(
         status = llama.llama_model_quantize(bytes(src), bytes(dst), params)
     if status != 0:
         dst.unlink(missing_ok=True)  # llama.cpp may leave a partial file behind
-        name = _ftype_name(ftype)
-        raise QuantizationError(f"quantizing {src} to {name} failed: {last_native_error()}")
+        raise QuantizationError(f"quantizing {src} to {_ftype_name(ftype)} failed: {last_native_error()}")
     if parser is not None and parser.error is not None:
         raise parser.error
 
@@ -95,3 +101,29 @@ def _check_inputs(src: Path, dst: Path, ftype: int) -> None:
 
 def _ftype_name(ftype: int) -> str:
     return next((name for name, value in LLAMA_FTYPES.items() if value == ftype), str(ftype))
+
+
+Segment = Sequence[int] | np.ndarray
+
+
+def prompt_logits(text_model: TextModel, vision: VisionContext | None, segments: Sequence[Segment]) -> np.ndarray:
+    """Last-position logits of a fresh sequence of token lists and images (H, W, 3), in order.
+
+    Each image is followed by the [IMG_END] token, as mtmd and mistral-common lay it out.
+    """
+    text_model.clear()
+    img_end = text_model.token_id(IMG_END_TOKEN)
+    pending: list[int] = []
+    for segment in segments:
+        if isinstance(segment, np.ndarray) and segment.ndim == 3:
+            if vision is None:
+                raise ImageError("an image segment needs a VisionContext")
+            if pending:
+                text_model.eval_tokens(pending)
+            text_model.decode_embeddings(vision.encode_rgb(segment).embeddings)
+            pending = [img_end]
+        else:
+            pending.extend(int(t) for t in segment)
+    if not pending:
+        raise ValueError("prompt_logits needs at least one token or image")
+    return text_model.eval_tokens(pending)

@@ -14,8 +14,8 @@ import pytest
 import tomllib
 from click.testing import CliRunner
 
-from pixtral_cpp.backend._native import cpu_features
-from pixtral_cpp.backends import (
+from pixtral_cpp.backend import cpu_features
+from pixtral_cpp.build_presets import (
     NATIVE_ONLY_CPU_FEATURES,
     InstallCommand,
     InstallError,

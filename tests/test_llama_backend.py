@@ -8,17 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from pixtral_cpp.backend import (
-    LLAMA_FTYPES,
-    TextModel,
-    TextModelOptions,
-    VisionContext,
-    prompt_logits,
-    quantize_gguf,
-    set_verbose,
-)
+from pixtral_cpp.backend import TextModel, TextModelOptions, VisionContext, bindings, set_verbose
 from pixtral_cpp.errors import BackendError, ImageError, ModelError, QuantizationError
 from tests import reference as ref
+from tests.llama_reference import LLAMA_FTYPES, prompt_logits, quantize_gguf
 
 PROMPT = "[INST]Describe the picture in one word.[/INST]"
 EXACT = TextModelOptions(n_ctx=4608, n_batch=512, n_threads=2, kv_cache_type="f32", flash_attn="off")
@@ -145,7 +138,7 @@ def test_unusable_images_are_image_errors(vision, pixels, message):
 
 @pytest.mark.slow
 def test_forty_random_images_give_finite_logits(text_model, vision):
-    # libmtmd's [IMG_BREAK] rows can hold NaN from a reused buffer (runtime-findings §1).
+    # libmtmd's [IMG_BREAK] rows can hold NaN from a reused buffer (docs/runtime-notes.md §1).
     rng = np.random.default_rng(40)
     for _ in range(40):
         width, height = pixtral_size(*rng.integers(16, 1201, 2))
@@ -170,8 +163,7 @@ def test_closing_the_text_model_closes_its_vision_context(tiny_gguf_pair):
 
 
 def test_ftype_table_matches_the_bindings():
-    import llama_cpp
-
+    llama_cpp, _ = bindings()  # llama_cpp.llama_cpp, where the package's LLAMA_FTYPE_* constants come from
     for name, value in LLAMA_FTYPES.items():
         const = "LLAMA_FTYPE_ALL_F32" if name == "F32" else f"LLAMA_FTYPE_MOSTLY_{name}"
         assert getattr(llama_cpp, const) == value, name

@@ -1,10 +1,12 @@
 """llama.cpp build presets: CMakePresets.json → CMAKE_ARGS, toolchain checks, the reinstall command,
-and what the installed build can do.
+and which preset a build's backends and CPU features correspond to.
 
 CMakePresets.json (top level of the repository) is the single source of truth for the build flags;
-this module only reads it. The reinstall itself is pip building llama-cpp-python from source, which
-its scikit-build-core backend configures with the ``CMAKE_ARGS`` environment variable (split with
-``shlex``; the old ``FORCE_CMAKE`` switch of the setuptools era is no longer read).
+this module only reads it. It never loads llama.cpp (so `pixtral-cpp backend install` works with a
+broken build): what the installed build reports is read by :mod:`pixtral_cpp.backend.build_info`.
+The reinstall itself is pip building llama-cpp-python from source, which its scikit-build-core
+backend configures with the ``CMAKE_ARGS`` environment variable (split with ``shlex``; the old
+``FORCE_CMAKE`` switch of the setuptools era is no longer read).
 """
 
 from __future__ import annotations
@@ -19,14 +21,11 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pixtral_cpp.errors import BackendError
-
-if TYPE_CHECKING:
-    from pixtral_cpp.backend._native import NativeDevice
 
 PRESETS_FILE = "CMakePresets.json"
 LLAMA_PACKAGE = "llama-cpp-python"
@@ -338,7 +337,7 @@ def run_install(command: InstallCommand) -> None:
                            "the previous one is still in place")
 
 
-# --- What the installed build can do ------------------------------------------------------------------
+# --- Which preset a build came from ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -347,45 +346,6 @@ class PresetMatch:
 
     name: str | None
     reason: str
-
-
-@dataclass(frozen=True)
-class InstalledBackend:
-    """The llama.cpp inside the installed llama-cpp-python, as its own libraries report it."""
-
-    llama_cpp_python: str  # package version
-    ggml_version: str
-    ggml_commit: str
-    system_info: str  # llama_print_system_info(): compiled-in CPU features and backend options
-    gpu_offload: bool
-    registries: tuple[str, ...]  # compiled-in backends, e.g. ("CUDA", "CPU")
-    devices: tuple[NativeDevice, ...]  # in llama.cpp's order
-    preset: PresetMatch
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready data."""
-        return {
-            "llama_cpp_python": self.llama_cpp_python, "ggml_version": self.ggml_version,
-            "ggml_commit": self.ggml_commit, "system_info": self.system_info,
-            "gpu_offload": self.gpu_offload, "backends": list(self.registries),
-            "devices": [asdict(device) for device in self.devices],
-            "preset": {"name": self.preset.name, "reason": self.preset.reason},
-        }
-
-
-def installed_backend(presets: Mapping[str, Preset] | None = None) -> InstalledBackend:
-    """Build info, GPU offload, devices and matching preset of the installed llama-cpp-python."""
-    from pixtral_cpp.backend import _native
-
-    presets = load_presets() if presets is None else presets
-    version, commit = _native.ggml_version()
-    registries = _native.backend_registries()
-    return InstalledBackend(
-        llama_cpp_python=importlib.metadata.version(LLAMA_PACKAGE), ggml_version=version, ggml_commit=commit,
-        system_info=_native.system_info(), gpu_offload=_native.llama_supports_gpu_offload(),
-        registries=registries, devices=_native.backend_devices(),
-        preset=match_preset(presets, registries, _native.cpu_features()),
-    )
 
 
 def match_preset(presets: Mapping[str, Preset], registries: Iterable[str],
