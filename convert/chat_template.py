@@ -1,4 +1,4 @@
-"""Pixtral's chat format as a Jinja template for `tokenizer.chat_template` (facts §8).
+"""Pixtral's chat format as a Jinja template for `tokenizer.chat_template` (docs/runtime-notes.md §3).
 
 The template reproduces what mistral-common 1.13.1 encodes for Pixtral (tokenizer v3, tekken), when
 llama-cpp-python's `MTMDChatHandler` renders it and libmtmd tokenizes the result:

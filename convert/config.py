@@ -15,7 +15,6 @@ from typing import Any
 
 from pixtral_cpp.convert.config_keys import ConfigKeys
 from pixtral_cpp.convert.json_files import brief, read_json_object
-
 from pixtral_cpp.errors import ConfigError, UnsupportedCheckpointError
 
 # Mistral advertises a 128k context for Pixtral-12B; params.json carries none.
@@ -24,9 +23,6 @@ DEFAULT_CONTEXT_LENGTH = 131072
 VISION_NORM_EPS = 1e-5
 # The vision RoPE base; llama.cpp hard-codes it too, so only a different value matters (we refuse it).
 VISION_ROPE_THETA = 10000.0
-# CLIP normalisation used by mistral-common (DATASET_MEAN / DATASET_STD) and preprocessor_config.json.
-CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Defaults of transformers' config classes, applied when an (older, sparse) config.json omits a key.
 MISTRAL_TEXT_DEFAULTS: dict[str, Any] = {

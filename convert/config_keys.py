@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from pixtral_cpp.convert.json_files import brief
-
 from pixtral_cpp.errors import ConfigError
 
 _MISSING = object()

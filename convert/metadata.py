@@ -1,7 +1,8 @@
 """GGUF metadata, derived from the parsed config and vocabulary only.
 
 Key spellings and value types are gguf-py's (the add_* helpers write the exact types llama.cpp
-checks); what llama.cpp requires is in pixtral-gguf-facts.md §4.
+checks); what llama.cpp requires is in docs/gguf-layout.md §4. Architecture names, the projector type and
+the CLIP normalisation are pixtral_cpp.gguf_keys'.
 """
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import gguf
-from pixtral_cpp.convert.chat_template import PIXTRAL_CHAT_TEMPLATE
-from pixtral_cpp.convert.config import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, PixtralConfig
-from pixtral_cpp.convert.tokenizer import Vocabulary, add_vocabulary_metadata
 
-TEXT_ARCH = "llama"  # Pixtral's decoder is Mistral-NeMo, which llama.cpp runs as `llama`
-MMPROJ_ARCH = "clip"  # the dummy arch llama.cpp's quantizer knows for projectors
-PROJECTOR_TYPE = gguf.VisionProjectorType.PIXTRAL
+from pixtral_cpp.convert.chat_template import PIXTRAL_CHAT_TEMPLATE
+from pixtral_cpp.convert.config import PixtralConfig
+from pixtral_cpp.convert.tokenizer import Vocabulary, add_vocabulary_metadata
+from pixtral_cpp.gguf_keys import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
+from pixtral_cpp.gguf_keys import PIXTRAL_PROJECTOR as PROJECTOR_TYPE  # a module global: tests write another
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -76,5 +77,5 @@ def add_mmproj_metadata(writer: gguf.GGUFWriter, config: PixtralConfig, info: Mo
     writer.add_vision_attention_layernorm_eps(vision.norm_eps)
     writer.add_vision_image_mean(list(CLIP_IMAGE_MEAN))
     writer.add_vision_image_std(list(CLIP_IMAGE_STD))
-    # Without it mtmd runs a GELU-quick FFN: silently wrong (facts §4.2).
+    # Without it mtmd runs a GELU-quick FFN: silently wrong (docs/gguf-layout.md §4.2).
     writer.add_vision_use_silu(True)

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import gguf
-from pixtral_cpp.convert.metadata import MMPROJ_ARCH, TEXT_ARCH, add_mmproj_metadata, add_text_metadata
+
+from pixtral_cpp.convert.metadata import add_mmproj_metadata, add_text_metadata
 from pixtral_cpp.convert.output import (
     METADATA_ALLOWANCE,
     check_free_space,
@@ -34,9 +35,9 @@ from pixtral_cpp.convert.source import (
 )
 from pixtral_cpp.convert.tensor_map import Target
 from pixtral_cpp.convert.writer import write_gguf
-
 from pixtral_cpp.errors import CheckpointError
 from pixtral_cpp.formatting import format_bytes
+from pixtral_cpp.gguf_keys import MMPROJ_ARCH, TEXT_ARCH
 from pixtral_cpp.paths import default_models_dir
 
 if TYPE_CHECKING:

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import gguf
 from gguf import GGMLQuantizationType as Q
+
 from pixtral_cpp.convert import transforms as T
 from pixtral_cpp.convert.config import PixtralConfig
 from pixtral_cpp.convert.quant_mix import Mix, fit_row
 from pixtral_cpp.convert.safetensors_reader import TensorInfo
 from pixtral_cpp.convert.source import HF, Checkpoint
 from pixtral_cpp.convert.tensor_map import SKIPPED_SUFFIXES, Storage, Target, TensorRow, rows_for
-
 from pixtral_cpp.errors import TensorError
 
 
@@ -45,7 +45,7 @@ class PlannedTensor:
 
 
 def plan_file(checkpoint: Checkpoint, target: Target, mix: Mix) -> list[PlannedTensor]:
-    """The tensors of one output file, in order, with types chosen per pixtral-gguf-facts.md §3.3 and,
+    """The tensors of one output file, in order, with types chosen per docs/gguf-layout.md §3.2 and,
     for the text model's matrices, by the llama.cpp mix."""
     planned, seen = [], set()
     for row, bid in rows_for(target, checkpoint.config):

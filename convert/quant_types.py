@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pixtral_cpp.convert.quant_mix import MIXES, Mix
-
 from pixtral_cpp.errors import QuantizationError
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pixtral_cpp.convert.json_files import brief, parse_json
 
+from pixtral_cpp.convert.json_files import brief, parse_json
 from pixtral_cpp.errors import TensorError
 
 # safetensors dtype -> (numpy storage dtype, bytes per element)

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from pixtral_cpp.convert.config import PixtralConfig, parse_config_json, parse_params_json, read_json
 from pixtral_cpp.convert.json_files import brief
 from pixtral_cpp.convert.metadata import ModelInfo
 from pixtral_cpp.convert.safetensors_reader import SafetensorsFile, TensorInfo
 from pixtral_cpp.convert.tensor_map import canonical_hf_name
 from pixtral_cpp.convert.tokenizer import Vocabulary, load_vocabulary
-
 from pixtral_cpp.errors import CheckpointError, ConfigError, TensorError, UnsupportedCheckpointError
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,12 @@
 """The declarative name table: one row per GGUF tensor, with its source names in both layouts.
 
-Names come from pixtral-gguf-facts.md §2 (native: mistral-inference / vLLM; HF: transformers'
+Names come from docs/gguf-layout.md §2 (native: mistral-inference / vLLM; HF: transformers'
 convert_pixtral_weights_to_hf, legacy Llava prefixes). GGUF names are spelled through gguf-py's
 MODEL_TENSOR table. `{bid}` is the block index.
+
+This table is the converter's own. pixtral_cpp/synthetic/names.py spells the source names a second time on
+purpose and imports nothing from here: the synthetic checkpoints are the oracle the converter is tested
+against, so a wrong name here cannot also be wrong there.
 """
 
 from __future__ import annotations
@@ -12,14 +16,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import gguf
+
 from pixtral_cpp.convert import transforms as T
 from pixtral_cpp.convert.config import PixtralConfig
+from pixtral_cpp.gguf_keys import IMG_BREAK_TENSOR
 
 MT = gguf.MODEL_TENSOR
 
 
 class Storage(enum.Enum):
-    """How a tensor's output type is chosen (pixtral-gguf-facts.md §3.3)."""
+    """How a tensor's output type is chosen (docs/gguf-layout.md §3.2)."""
 
     MATRIX = "matrix"  # the requested type
     F32 = "f32"  # norms, biases, img_break: llama.cpp expects F32
@@ -94,8 +100,8 @@ MMPROJ_GLOBAL_ROWS: tuple[TensorRow, ...] = (
               lambda c: (c.text.hidden_size, c.vision.hidden_size)),
     TensorRow("mm.2.weight", "vision_language_adapter.w_out.weight", "multi_modal_projector.linear_2.weight",
               lambda c: (c.text.hidden_size, c.text.hidden_size)),
-    # [IMG_BREAK]'s embedding, which mtmd inserts after each row of patches (no `.weight` suffix).
-    TensorRow(_gguf(MT.V_TOK_EMBD_IMG_BREAK, ""), "tok_embeddings.weight", _LM + "embed_tokens.weight",
+    # [IMG_BREAK]'s embedding, which mtmd inserts after each row of patches.
+    TensorRow(IMG_BREAK_TENSOR, "tok_embeddings.weight", _LM + "embed_tokens.weight",
               lambda c: (c.text.hidden_size,), Storage.F32, take_row_of="[IMG_BREAK]"),
 )
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-from pixtral_cpp.convert.json_files import MAX_TOKENIZER_BYTES, brief, read_json_object
 
+from pixtral_cpp.convert.json_files import MAX_TOKENIZER_BYTES, brief, read_json_object
 from pixtral_cpp.errors import TokenizerError
 
 TEKKEN_FILE = "tekken.json"
@@ -91,7 +91,7 @@ class Vocabulary:
 @lru_cache(maxsize=1)
 def _byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte→character table: printable bytes stay, the other 68 move to U+0100 upwards
-    (the rule as pixtral-gguf-facts.md §5.2 states it; llama.cpp's BPE decoder inverts it)."""
+    (the rule as docs/gguf-layout.md §5.2 states it; llama.cpp's BPE decoder inverts it)."""
     kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
     table = {byte: chr(byte) for byte in kept}
     shifted = (byte for byte in range(256) if byte not in table)
@@ -126,7 +126,7 @@ def token_bytes_of(token: str) -> bytes:
 
 
 def load_tekken(path: Path | str) -> Vocabulary:
-    """Build the GGUF vocabulary from a Mistral tekken.json (facts §5)."""
+    """Build the GGUF vocabulary from a Mistral tekken.json (docs/gguf-layout.md §5)."""
     path = Path(path)
     data = _read_json(path)
     config = _require(data, "config", dict, path)
@@ -204,7 +204,7 @@ def _tekken_ordinary_bytes(entries: Sequence[Any], path: Path) -> list[bytes]:
 
 
 def _tekken_merges(ordinary: Sequence[bytes], strings: Sequence[str]) -> Iterable[str]:
-    """Merges by the split rule (facts §5.3): every in-table split of each token, in rank order.
+    """Merges by the split rule (docs/gguf-layout.md §5.3): every in-table split of each token, in rank order.
 
     A merge's position is its priority in llama.cpp, so listing the splits of rank i before those of rank
     i + 1 makes llama.cpp merge in tiktoken's order (lowest rank of the merged token first).
@@ -347,7 +347,7 @@ def load_vocabulary(folder: Path | str) -> Vocabulary:
 
 
 def add_vocabulary_metadata(writer: gguf.GGUFWriter, vocab: Vocabulary) -> None:
-    """Write the tokenizer.ggml.* keys of the text GGUF (facts §4.1)."""
+    """Write the tokenizer.ggml.* keys of the text GGUF (docs/gguf-layout.md §4.1)."""
     writer.add_tokenizer_model(GGUF_TOKENIZER_MODEL)
     writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+
 from pixtral_cpp.convert.config import PixtralConfig
 
 Transform = Callable[[np.ndarray, PixtralConfig], np.ndarray]

@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterator
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
+
+from pixtral_cpp.backend.row_quantizer import RowQuantizer
 from pixtral_cpp.convert.plan import PlannedTensor
 from pixtral_cpp.convert.safetensors_reader import widen_to_float32
 from pixtral_cpp.convert.source import Checkpoint
-
-from pixtral_cpp.backend.row_quantizer import RowQuantizer
 from pixtral_cpp.errors import TensorError
 
 _FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)

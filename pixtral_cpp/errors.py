@@ -55,7 +55,13 @@ class ConversationError(PixtralError):
     """A chat conversation Pixtral's format cannot express (unknown role or part, nothing to answer)."""
 
 
-class ServerConfigError(PixtralError, ValueError):
+class OptionsError(PixtralError, ValueError):
+    """An option of ModelOptions or GenerationOptions out of range; the message names it and its value.
+
+    Also a ValueError, what these checks raised before they had a domain error."""
+
+
+class ServerConfigError(OptionsError):
     """A server setting that cannot work; the message names it."""
 
 

@@ -17,9 +17,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from gguf import GGUFValueType
+from gguf import GGUFValueType, Keys
 
 from pixtral_cpp.gguf_file import GGUFHeader
+from pixtral_cpp.gguf_keys import IMG_BREAK_TENSOR, MMPROJ_ARCH, TEXT_ARCH, ClipExtraKeys, TextKeys
 
 U32, I32, F32 = GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.FLOAT32
 STR, BOOL, ARRAY = GGUFValueType.STRING, GGUFValueType.BOOL, GGUFValueType.ARRAY
@@ -27,6 +28,8 @@ LLAMA_MAX_LAYERS = 512  # llama-hparams.h; GGML_ASSERT(n_layer <= LLAMA_MAX_LAYE
 CLIP_MAX_IMAGE_SIZE, CLIP_MAX_PATCH_SIZE = 8192, 65535  # clip.cpp load_hparams' sanity checks
 ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")  # anything else: GGML_ASSERT in load_hparams
 _FIX = "re-convert or re-download it"
+GEN, TOK, CLIP, VIS = Keys.General, Keys.Tokenizer, Keys.Clip, Keys.ClipVision
+TEXT, CLIP_EXTRA = TextKeys, ClipExtraKeys
 _MAX_SHAPE_PROBLEMS = 3  # one wrong hyper-parameter makes every layer's tensors wrong: name a few
 
 Check = Callable[[Any], str | None]  # what is wrong with a value, or None
@@ -85,71 +88,71 @@ def _required(key: str, vtype: GGUFValueType, check: Check = anything, item: GGU
 
 # llama_model_loader refuses a mistyped key with an error; libmtmd (below) aborts instead.
 TEXT_RULES = (
-    _required("general.architecture", STR, one_of("llama")),
-    Rule("general.name", STR),
-    Rule("general.file_type", U32),
-    _required("llama.context_length", U32, positive),
-    _required("llama.embedding_length", U32, positive),
-    _required("llama.block_count", U32, at_most(LLAMA_MAX_LAYERS)),
-    _required("llama.feed_forward_length", U32, positive),
-    _required("llama.attention.head_count", U32, positive),
-    Rule("llama.attention.head_count_kv", U32, positive),
-    Rule("llama.attention.key_length", U32, positive),
-    Rule("llama.attention.value_length", U32, positive),
-    Rule("llama.rope.dimension_count", U32, positive),
-    Rule("llama.rope.freq_base", F32, finite_positive),
-    _required("llama.attention.layer_norm_rms_epsilon", F32, finite_positive),
-    Rule("llama.vocab_size", U32, positive),
-    Rule("llama.expert_count", U32, zero),
-    Rule("llama.expert_used_count", U32, zero),
-    Rule("llama.rope.scaling.type", STR, one_of(*ROPE_SCALING_TYPES)),
-    Rule("llama.rope.scaling.factor", F32, lambda v: None if math.isfinite(v) and v >= 0 else "must be finite"),
-    _required("tokenizer.ggml.model", STR),
-    Rule("tokenizer.ggml.pre", STR),
-    _required("tokenizer.ggml.tokens", ARRAY, lambda v: None if v else "must not be empty", STR),
-    Rule("tokenizer.ggml.scores", ARRAY, item=F32),
-    Rule("tokenizer.ggml.token_type", ARRAY, item=I32),
-    Rule("tokenizer.ggml.merges", ARRAY, item=STR),
-    Rule("tokenizer.ggml.bos_token_id", U32),
-    Rule("tokenizer.ggml.eos_token_id", U32),
-    Rule("tokenizer.ggml.unknown_token_id", U32),
-    Rule("tokenizer.ggml.padding_token_id", U32),
-    Rule("tokenizer.ggml.add_bos_token", BOOL),
-    Rule("tokenizer.ggml.add_eos_token", BOOL),
-    Rule("tokenizer.chat_template", STR),
+    _required(GEN.ARCHITECTURE, STR, one_of(TEXT_ARCH)),
+    Rule(GEN.NAME, STR),
+    Rule(GEN.FILE_TYPE, U32),
+    _required(TEXT.CONTEXT_LENGTH, U32, positive),
+    _required(TEXT.EMBEDDING_LENGTH, U32, positive),
+    _required(TEXT.BLOCK_COUNT, U32, at_most(LLAMA_MAX_LAYERS)),
+    _required(TEXT.FEED_FORWARD_LENGTH, U32, positive),
+    _required(TEXT.HEAD_COUNT, U32, positive),
+    Rule(TEXT.HEAD_COUNT_KV, U32, positive),
+    Rule(TEXT.KEY_LENGTH, U32, positive),
+    Rule(TEXT.VALUE_LENGTH, U32, positive),
+    Rule(TEXT.ROPE_DIMENSION_COUNT, U32, positive),
+    Rule(TEXT.ROPE_FREQ_BASE, F32, finite_positive),
+    _required(TEXT.LAYERNORM_RMS_EPS, F32, finite_positive),
+    Rule(TEXT.VOCAB_SIZE, U32, positive),
+    Rule(TEXT.EXPERT_COUNT, U32, zero),
+    Rule(TEXT.EXPERT_USED_COUNT, U32, zero),
+    Rule(TEXT.ROPE_SCALING_TYPE, STR, one_of(*ROPE_SCALING_TYPES)),
+    Rule(TEXT.ROPE_SCALING_FACTOR, F32, lambda v: None if math.isfinite(v) and v >= 0 else "must be finite"),
+    _required(TOK.MODEL, STR),
+    Rule(TOK.PRE, STR),
+    _required(TOK.LIST, ARRAY, lambda v: None if v else "must not be empty", STR),
+    Rule(TOK.SCORES, ARRAY, item=F32),
+    Rule(TOK.TOKEN_TYPE, ARRAY, item=I32),
+    Rule(TOK.MERGES, ARRAY, item=STR),
+    Rule(TOK.BOS_ID, U32),
+    Rule(TOK.EOS_ID, U32),
+    Rule(TOK.UNK_ID, U32),
+    Rule(TOK.PAD_ID, U32),
+    Rule(TOK.ADD_BOS, BOOL),
+    Rule(TOK.ADD_EOS, BOOL),
+    Rule(TOK.CHAT_TEMPLATE, STR),
 )
 
 # Every key clip.cpp's load_hparams reads for a vision projector: its getters assert the type.
 MMPROJ_RULES = (
-    _required("general.architecture", STR, one_of("clip")),
-    Rule("general.name", STR),
-    Rule("general.description", STR),
-    Rule("general.file_type", U32),
-    _required("clip.has_vision_encoder", BOOL, true),
-    Rule("clip.has_audio_encoder", BOOL),
-    Rule("clip.has_gen_audio_encoder", BOOL),
-    _required("clip.projector_type", STR),
-    Rule("clip.vision.projector_type", STR),
-    Rule("clip.use_gelu", BOOL),
-    Rule("clip.use_silu", BOOL),
-    _required("clip.vision.embedding_length", U32, positive),
-    _required("clip.vision.feed_forward_length", U32, positive),
-    _required("clip.vision.block_count", U32, positive),
-    _required("clip.vision.projection_dim", U32),
-    _required("clip.vision.attention.head_count", U32, positive),
-    Rule("clip.vision.attention.head_count_kv", U32, positive),
-    Rule("clip.vision.attention.head_dim", U32, positive),
-    _required("clip.vision.attention.layer_norm_epsilon", F32, finite_positive),
-    _required("clip.vision.image_size", U32, at_most(CLIP_MAX_IMAGE_SIZE)),
-    _required("clip.vision.patch_size", U32, at_most(CLIP_MAX_PATCH_SIZE)),
-    _required("clip.vision.image_mean", ARRAY, rgb_floats(positive_only=False), F32),
-    _required("clip.vision.image_std", ARRAY, rgb_floats(positive_only=True), F32),
-    Rule("clip.vision.spatial_merge_size", U32, one_of(1)),  # no patch merger in Pixtral 12B
-    Rule("clip.vision.mm_patch_merge_type", STR),
-    Rule("clip.vision.image_grid_pinpoints", ARRAY, item=I32),
-    Rule("clip.vision.feature_layer", ARRAY, item=I32),
-    Rule("clip.minicpmv_version", I32),
-    Rule("clip.minicpmv_query_num", U32),
+    _required(GEN.ARCHITECTURE, STR, one_of(MMPROJ_ARCH)),
+    Rule(GEN.NAME, STR),
+    Rule(GEN.DESCRIPTION, STR),
+    Rule(GEN.FILE_TYPE, U32),
+    _required(CLIP.HAS_VISION_ENCODER, BOOL, true),
+    Rule(CLIP.HAS_AUDIO_ENCODER, BOOL),
+    Rule(CLIP_EXTRA.HAS_GEN_AUDIO_ENCODER, BOOL),
+    _required(CLIP.PROJECTOR_TYPE, STR),
+    Rule(VIS.PROJECTOR_TYPE, STR),
+    Rule(VIS.USE_GELU, BOOL),
+    Rule(VIS.USE_SILU, BOOL),
+    _required(VIS.EMBEDDING_LENGTH, U32, positive),
+    _required(VIS.FEED_FORWARD_LENGTH, U32, positive),
+    _required(VIS.BLOCK_COUNT, U32, positive),
+    _required(VIS.PROJECTION_DIM, U32),
+    _required(VIS.Attention.HEAD_COUNT, U32, positive),
+    Rule(CLIP_EXTRA.VISION_HEAD_COUNT_KV, U32, positive),
+    Rule(CLIP_EXTRA.VISION_HEAD_DIM, U32, positive),
+    _required(VIS.Attention.LAYERNORM_EPS, F32, finite_positive),
+    _required(VIS.IMAGE_SIZE, U32, at_most(CLIP_MAX_IMAGE_SIZE)),
+    _required(VIS.PATCH_SIZE, U32, at_most(CLIP_MAX_PATCH_SIZE)),
+    _required(VIS.IMAGE_MEAN, ARRAY, rgb_floats(positive_only=False), F32),
+    _required(VIS.IMAGE_STD, ARRAY, rgb_floats(positive_only=True), F32),
+    Rule(VIS.SPATIAL_MERGE_SIZE, U32, one_of(1)),  # no patch merger in Pixtral 12B
+    Rule(CLIP_EXTRA.MM_PATCH_MERGE_TYPE, STR),
+    Rule(CLIP_EXTRA.IMAGE_GRID_PINPOINTS, ARRAY, item=I32),
+    Rule(CLIP_EXTRA.FEATURE_LAYER, ARRAY, item=I32),
+    Rule(CLIP_EXTRA.MINICPMV_VERSION, I32),
+    Rule(CLIP_EXTRA.MINICPMV_QUERY_NUM, U32),
 )
 
 
@@ -208,63 +211,62 @@ def _ratio_problem(header: GGUFHeader, key: str, divisor_key: str, whole: int, p
 
 def _text_hparam_problems(header: GGUFHeader) -> list[str]:
     meta = header.metadata
-    width, heads = meta["llama.embedding_length"], meta["llama.attention.head_count"]
-    kv_heads = meta.get("llama.attention.head_count_kv", heads)
-    problems = _ratio_problem(header, "llama.attention.head_count_kv", "llama.attention.head_count", heads, kv_heads)
-    if "llama.attention.key_length" not in meta:
-        problems += _ratio_problem(header, "llama.attention.head_count", "llama.embedding_length", width, heads)
-    head_dim = meta.get("llama.attention.key_length", width // heads)
-    for key in ("llama.attention.value_length", "llama.rope.dimension_count"):  # graph asserts both equal
+    width, heads = meta[TEXT.EMBEDDING_LENGTH], meta[TEXT.HEAD_COUNT]
+    kv_heads = meta.get(TEXT.HEAD_COUNT_KV, heads)
+    problems = _ratio_problem(header, TEXT.HEAD_COUNT_KV, TEXT.HEAD_COUNT, heads, kv_heads)
+    if TEXT.KEY_LENGTH not in meta:
+        problems += _ratio_problem(header, TEXT.HEAD_COUNT, TEXT.EMBEDDING_LENGTH, width, heads)
+    head_dim = meta.get(TEXT.KEY_LENGTH, width // heads)
+    for key in (TEXT.VALUE_LENGTH, TEXT.ROPE_DIMENSION_COUNT):  # graph asserts both equal
         if meta.get(key, head_dim) != head_dim:
             problems.append(_problem(header, f"{key} = {meta[key]} differs from the head size {head_dim}"))
     if head_dim % 2:
         problems.append(_problem(header, f"the head size {head_dim} is odd; RoPE rotates pairs"))
-    n_tokens = len(meta["tokenizer.ggml.tokens"])
-    counts = {"llama.vocab_size": meta.get("llama.vocab_size", n_tokens),
-              "tokenizer.ggml.scores": len(meta.get("tokenizer.ggml.scores", meta["tokenizer.ggml.tokens"])),
-              "tokenizer.ggml.token_type": len(meta.get("tokenizer.ggml.token_type", meta["tokenizer.ggml.tokens"]))}
-    problems += [_problem(header, f"{key} counts {count} tokens but tokenizer.ggml.tokens holds {n_tokens}")
+    n_tokens = len(meta[TOK.LIST])
+    counts = {TEXT.VOCAB_SIZE: meta.get(TEXT.VOCAB_SIZE, n_tokens),
+              TOK.SCORES: len(meta.get(TOK.SCORES, meta[TOK.LIST])),
+              TOK.TOKEN_TYPE: len(meta.get(TOK.TOKEN_TYPE, meta[TOK.LIST]))}
+    problems += [_problem(header, f"{key} counts {count} tokens but {TOK.LIST} holds {n_tokens}")
                  for key, count in counts.items() if count != n_tokens]
     return problems
 
 
 def _vision_hparam_problems(header: GGUFHeader) -> list[str]:
     meta = header.metadata
-    width, heads = meta["clip.vision.embedding_length"], meta["clip.vision.attention.head_count"]
+    width, heads = meta[VIS.EMBEDDING_LENGTH], meta[VIS.Attention.HEAD_COUNT]
     problems = []
-    if "clip.vision.attention.head_dim" not in meta:
-        problems += _ratio_problem(header, "clip.vision.attention.head_count", "clip.vision.embedding_length",
+    if CLIP_EXTRA.VISION_HEAD_DIM not in meta:
+        problems += _ratio_problem(header, VIS.Attention.HEAD_COUNT, VIS.EMBEDDING_LENGTH,
                                    width, heads)
-    head_dim = meta.get("clip.vision.attention.head_dim", width // heads)
+    head_dim = meta.get(CLIP_EXTRA.VISION_HEAD_DIM, width // heads)
     if head_dim * heads != width:
         problems.append(_problem(header, f"{heads} heads of {head_dim} do not make the width {width}"))
     if head_dim % 4:  # 2-D RoPE rotates each half of a head in pairs
         problems.append(_problem(header, f"the vision head size {head_dim} is not a multiple of 4"))
-    kv_heads = meta.get("clip.vision.attention.head_count_kv", heads)
-    problems += _ratio_problem(header, "clip.vision.attention.head_count_kv", "clip.vision.attention.head_count",
+    kv_heads = meta.get(CLIP_EXTRA.VISION_HEAD_COUNT_KV, heads)
+    problems += _ratio_problem(header, CLIP_EXTRA.VISION_HEAD_COUNT_KV, VIS.Attention.HEAD_COUNT,
                                heads, kv_heads)
-    image, patch = meta["clip.vision.image_size"], meta["clip.vision.patch_size"]
-    problems += _ratio_problem(header, "clip.vision.patch_size", "clip.vision.image_size", image, patch)
+    image, patch = meta[VIS.IMAGE_SIZE], meta[VIS.PATCH_SIZE]
+    problems += _ratio_problem(header, VIS.PATCH_SIZE, VIS.IMAGE_SIZE, image, patch)
     patch_embd = header.tensors.get("v.patch_embd.weight")
     if patch_embd is not None and tuple(patch_embd.ne[:3]) != (patch, patch, 3):  # (p, p, RGB, width)
-        problems.append(_problem(header, f"clip.vision.patch_size = {patch} does not match v.patch_embd.weight "
+        problems.append(_problem(header, f"{VIS.PATCH_SIZE} = {patch} does not match v.patch_embd.weight "
                                          f"of shape {list(patch_embd.ne)}"))
-    if meta.get("clip.use_gelu") and meta.get("clip.use_silu"):
-        problems.append(_problem(header, "clip.use_gelu and clip.use_silu are both true"))
+    if meta.get(VIS.USE_GELU) and meta.get(VIS.USE_SILU):
+        problems.append(_problem(header, f"{VIS.USE_GELU} and {VIS.USE_SILU} are both true"))
     return problems
 
 
 def _text_shapes(header: GGUFHeader) -> dict[str, tuple[tuple[int, ...], bool]]:
     """Tensor name -> (ggml shape, required), as llama.cpp's llama_model_llama::load_arch_tensors creates them."""
     meta = header.metadata
-    width, heads, ffn = (meta[f"llama.{k}"] for k in ("embedding_length", "attention.head_count",
-                                                       "feed_forward_length"))
-    kv_heads = meta.get("llama.attention.head_count_kv", heads)
-    head_dim = meta.get("llama.attention.key_length", width // heads)
-    n_vocab = len(meta["tokenizer.ggml.tokens"])
+    width, heads, ffn = (meta[k] for k in (TEXT.EMBEDDING_LENGTH, TEXT.HEAD_COUNT, TEXT.FEED_FORWARD_LENGTH))
+    kv_heads = meta.get(TEXT.HEAD_COUNT_KV, heads)
+    head_dim = meta.get(TEXT.KEY_LENGTH, width // heads)
+    n_vocab = len(meta[TOK.LIST])
     shapes = {"token_embd.weight": ((width, n_vocab), True), "output_norm.weight": ((width,), True),
               "output.weight": ((width, n_vocab), False)}
-    for i in range(meta["llama.block_count"]):
+    for i in range(meta[TEXT.BLOCK_COUNT]):
         blk = f"blk.{i}"
         shapes |= {f"{blk}.attn_norm.weight": ((width,), True), f"{blk}.ffn_norm.weight": ((width,), True),
                    f"{blk}.attn_q.weight": ((width, head_dim * heads), True),
@@ -279,18 +281,18 @@ def _text_shapes(header: GGUFHeader) -> dict[str, tuple[tuple[int, ...], bool]]:
 def _vision_shapes(header: GGUFHeader) -> dict[str, tuple[tuple[int, ...], bool]]:
     """The tensors clip.cpp's Pixtral graph uses, with the shapes its reshapes assume (it checks none)."""
     meta = header.metadata
-    width, heads, ffn, patch = (meta[f"clip.vision.{k}"] for k in (
-        "embedding_length", "attention.head_count", "feed_forward_length", "patch_size"))
-    head_dim = meta.get("clip.vision.attention.head_dim", width // heads)
-    kv_width = head_dim * meta.get("clip.vision.attention.head_count_kv", heads)
+    width, heads, ffn, patch = (meta[k] for k in (
+        VIS.EMBEDDING_LENGTH, VIS.Attention.HEAD_COUNT, VIS.FEED_FORWARD_LENGTH, VIS.PATCH_SIZE))
+    head_dim = meta.get(CLIP_EXTRA.VISION_HEAD_DIM, width // heads)
+    kv_width = head_dim * meta.get(CLIP_EXTRA.VISION_HEAD_COUNT_KV, heads)
     mm1, mm2 = header.tensors.get("mm.1.weight"), header.tensors.get("mm.2.weight")
     hidden = mm1.ne[-1] if mm1 is not None else 0
     out = mm2.ne[-1] if mm2 is not None else 0
     shapes = {"v.patch_embd.weight": ((patch, patch, 3, width), True), "v.pre_ln.weight": ((width,), False),
               "mm.1.weight": ((width, hidden), True), "mm.1.bias": ((hidden,), False),
               "mm.2.weight": ((hidden, out), True), "mm.2.bias": ((out,), False),
-              "v.token_embd.img_break": ((out,), True)}
-    for i in range(meta["clip.vision.block_count"]):
+              IMG_BREAK_TENSOR: ((out,), True)}
+    for i in range(meta[VIS.BLOCK_COUNT]):
         blk = f"v.blk.{i}"
         shapes |= {f"{blk}.ln1.weight": ((width,), True), f"{blk}.ln2.weight": ((width,), True),
                    f"{blk}.attn_q.weight": ((width, head_dim * heads), True),

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType, Keys
 
 from pixtral_cpp.errors import ModelError
 
@@ -72,7 +72,7 @@ class GGUFHeader:
 
     @property
     def architecture(self) -> str | None:
-        return self.metadata.get("general.architecture")
+        return self.metadata.get(Keys.General.ARCHITECTURE)
 
     def tensor_data(self, name: str) -> np.ndarray:
         """A tensor's raw bytes as a read-only view (F32/F16 as float arrays in ggml order)."""
@@ -178,11 +178,12 @@ def _parse(buf: memoryview, path: Path, size: int) -> GGUFHeader:
     cur.reserve(n_tensors, _MIN_TENSOR_INFO_BYTES, "tensor")
     metadata, types, array_types = _read_metadata(cur, n_kv)
     entries = [_read_tensor_info(cur) for _ in range(n_tensors)]
-    alignment = metadata.get("general.alignment", 32)
-    if "general.alignment" in types and types["general.alignment"] != GGUFValueType.UINT32:
-        raise _Corrupt(f"general.alignment has type {types['general.alignment'].name}, not UINT32")
+    key = Keys.General.ALIGNMENT
+    alignment = metadata.get(key, GGUF_DEFAULT_ALIGNMENT)
+    if key in types and types[key] != GGUFValueType.UINT32:
+        raise _Corrupt(f"{key} has type {types[key].name}, not UINT32")
     if alignment <= 0 or alignment & (alignment - 1):
-        raise ModelError(f"{path}: general.alignment {alignment!r} is not a power of two")
+        raise ModelError(f"{path}: {key} {alignment!r} is not a power of two")
     data_start = -(-cur.pos // alignment) * alignment
     tensors = _place_tensors(entries, data_start, alignment, size, path)
     return GGUFHeader(path, version, metadata, types, tensors, size, array_types, data_start)

@@ -3,7 +3,7 @@
 Pixtral sees an image as a grid of 16x16 patches. mistral-common (tokens/tokenizers/image.py,
 `ImageEncoder`) scales the longest edge down to at most 1024 px, rounds each side *up* to a multiple of
 16 and stretches the image to exactly that size with OpenCV's bicubic filter. llama.cpp's mtmd does
-something else by default (docs/runtime-findings.md §2), so we hand mtmd pixels that are already at the
+something else by default (docs/runtime-notes.md §2), so we hand mtmd pixels that are already at the
 final size: mtmd then leaves them alone and the token count matches the reference.
 
 Encoded images are decoded by pixtral_cpp.image_decode: only PNG, JPEG, WebP, GIF, BMP and TIFF (and

@@ -12,13 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
+from gguf import Keys
 
 from pixtral_cpp.errors import ModelError
 from pixtral_cpp.gguf_checks import mmproj_problems, text_problems
 from pixtral_cpp.gguf_file import GGUFHeader, read_gguf_header
+from pixtral_cpp.gguf_keys import IMG_BREAK_TENSOR, MMPROJ_ARCH, PIXTRAL_PROJECTOR, TEXT_ARCH, TextKeys
 from pixtral_cpp.paths import default_models_dir
 
 MODEL_ENV = "PIXTRAL_CPP_MODEL"
+VIS = Keys.ClipVision
 _HOW_TO_GET_ONE = ("convert a checkpoint first, e.g. `pixtral-cpp convert mistralai/Pixtral-12B-2409`, "
                    "or pass --model PATH")
 
@@ -129,7 +132,7 @@ def _precision_rank(path: Path) -> int:
 
 
 def _file_type(header: GGUFHeader) -> str:
-    value = header.get("general.file_type")
+    value = header.get(Keys.General.FILE_TYPE)
     try:
         return gguf.LlamaFileType(value).name.removeprefix("MOSTLY_").removeprefix("ALL_")
     except ValueError:
@@ -144,42 +147,43 @@ def _number(header: GGUFHeader, key: str, default: int | float = 0) -> int | flo
 
 def read_text_info(path: Path) -> TextInfo:
     header = read_gguf_header(path)
-    if header.architecture != "llama":
+    if header.architecture != TEXT_ARCH:
+        looks_like = " — it looks like an mmproj" if header.architecture == MMPROJ_ARCH else ""
         raise ModelError(f"{path} is not a Pixtral text model (architecture {header.architecture!r}, "
-                         f"expected 'llama'){' — it looks like an mmproj' if header.architecture == 'clip' else ''}")
-    width, heads = _number(header, "llama.embedding_length"), _number(header, "llama.attention.head_count")
-    tokens = header.get("tokenizer.ggml.tokens", ())
+                         f"expected {TEXT_ARCH!r}){looks_like}")
+    width, heads = _number(header, TextKeys.EMBEDDING_LENGTH), _number(header, TextKeys.HEAD_COUNT)
+    tokens = header.get(Keys.Tokenizer.LIST, ())
     return TextInfo(
         path=path, size_bytes=header.file_size, file_type=_file_type(header),
         tensor_types=dict(Counter(t.type.name for t in header.tensors.values())),
-        name=header.get("general.name"), embedding_length=width,
-        block_count=_number(header, "llama.block_count"), head_count=heads,
-        head_count_kv=_number(header, "llama.attention.head_count_kv", heads),
-        head_dim=_number(header, "llama.attention.key_length", width // heads if heads else 0),
-        feed_forward_length=_number(header, "llama.feed_forward_length"),
-        context_length=_number(header, "llama.context_length"),
+        name=header.get(Keys.General.NAME), embedding_length=width,
+        block_count=_number(header, TextKeys.BLOCK_COUNT), head_count=heads,
+        head_count_kv=_number(header, TextKeys.HEAD_COUNT_KV, heads),
+        head_dim=_number(header, TextKeys.KEY_LENGTH, width // heads if heads else 0),
+        feed_forward_length=_number(header, TextKeys.FEED_FORWARD_LENGTH),
+        context_length=_number(header, TextKeys.CONTEXT_LENGTH),
         vocab_size=len(tokens) if isinstance(tokens, list) else 0,
-        rope_freq_base=_number(header, "llama.rope.freq_base", 10000.0),
+        rope_freq_base=_number(header, TextKeys.ROPE_FREQ_BASE, 10000.0),
         problems=tuple(text_problems(header)),
     )
 
 
 def read_vision_info(path: Path) -> VisionInfo:
     header = read_gguf_header(path)
-    if header.architecture != "clip":
-        raise ModelError(f"{path} is not an mmproj (architecture {header.architecture!r}, expected 'clip')")
+    if header.architecture != MMPROJ_ARCH:
+        raise ModelError(f"{path} is not an mmproj (architecture {header.architecture!r}, expected {MMPROJ_ARCH!r})")
     mm2 = header.tensors.get("mm.2.weight")
-    projector = header.get("clip.projector_type")
+    projector = header.get(Keys.Clip.PROJECTOR_TYPE)
     return VisionInfo(
         path=path, size_bytes=header.file_size, file_type=_file_type(header),
         projector_type=projector if isinstance(projector, str) else None,
         output_embedding_length=int(mm2.ne[-1]) if mm2 is not None else 0,
-        embedding_length=_number(header, "clip.vision.embedding_length"),
-        block_count=_number(header, "clip.vision.block_count"),
-        head_count=_number(header, "clip.vision.attention.head_count"),
-        image_size=_number(header, "clip.vision.image_size"), patch_size=_number(header, "clip.vision.patch_size"),
-        use_silu=header.get("clip.use_silu") is True,
-        has_img_break="v.token_embd.img_break" in header.tensors,
+        embedding_length=_number(header, VIS.EMBEDDING_LENGTH),
+        block_count=_number(header, VIS.BLOCK_COUNT),
+        head_count=_number(header, VIS.Attention.HEAD_COUNT),
+        image_size=_number(header, VIS.IMAGE_SIZE), patch_size=_number(header, VIS.PATCH_SIZE),
+        use_silu=header.get(VIS.USE_SILU) is True,
+        has_img_break=IMG_BREAK_TENSOR in header.tensors,
         problems=tuple(mmproj_problems(header)),
     )
 
@@ -188,15 +192,15 @@ def inspect_pair(files: ModelFiles) -> PairInfo:
     """Both files' facts and every reason they would not work together."""
     text, vision = read_text_info(files.text), read_vision_info(files.mmproj)
     problems = [*text.problems, *vision.problems]
-    if vision.projector_type != "pixtral":
+    if vision.projector_type != PIXTRAL_PROJECTOR:
         problems.append(f"{files.mmproj.name} is a {vision.projector_type!r} projector, not Pixtral's")
     if vision.output_embedding_length != text.embedding_length:
         problems.append(f"{files.mmproj.name} produces embeddings of width {vision.output_embedding_length} but "
                         f"{files.text.name} expects {text.embedding_length}: they come from different models")
     if not vision.has_img_break:
-        problems.append(f"{files.mmproj.name} lacks v.token_embd.img_break; re-convert it with pixtral-cpp")
-    if vision.projector_type == "pixtral" and not vision.use_silu:
-        problems.append(f"{files.mmproj.name} lacks clip.use_silu; llama.cpp would run the wrong activation")
+        problems.append(f"{files.mmproj.name} lacks {IMG_BREAK_TENSOR}; re-convert it with pixtral-cpp")
+    if vision.projector_type == PIXTRAL_PROJECTOR and not vision.use_silu:
+        problems.append(f"{files.mmproj.name} lacks {VIS.USE_SILU}; llama.cpp would run the wrong activation")
     return PairInfo(text, vision, tuple(problems))
 
 

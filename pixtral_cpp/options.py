@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pixtral_cpp.backend.sampling import SamplingOptions
 from pixtral_cpp.defaults import DEFAULT_CONTEXT, DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE
+from pixtral_cpp.errors import OptionsError
 from pixtral_cpp.images import MAX_IMAGE_SIZE, check_max_image_size
 from pixtral_cpp.valid_text import check_json_text, check_text
 
@@ -35,11 +36,11 @@ class ModelOptions:
     def __post_init__(self) -> None:
         check_max_image_size(self.max_image_size)
         if self.n_ctx < 256:
-            raise ValueError(f"n_ctx must be at least 256, got {self.n_ctx}")
+            raise OptionsError(f"n_ctx must be at least 256, got {self.n_ctx}")
         if self.image_cache_size < 0:
-            raise ValueError(f"image_cache_size must be 0 or more, got {self.image_cache_size}")
+            raise OptionsError(f"image_cache_size must be 0 or more, got {self.image_cache_size}")
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be positive, got {self.threads}")
+            raise OptionsError(f"threads must be positive, got {self.threads}")
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class GenerationOptions:
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
+            raise OptionsError(f"max_tokens must be positive, got {self.max_tokens}")
         if isinstance(self.stop, str):  # a lone string would be iterated character by character
             object.__setattr__(self, "stop", (self.stop,))
         # Text llama.cpp or the answer is matched against must be valid Unicode (pixtral_cpp.valid_text).

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-IMG, IMG_BREAK, IMG_END = 10, 12, 13  # mistral-common's tekken v3 ids (pixtral-gguf-facts.md §5.1)
+IMG, IMG_BREAK, IMG_END = 10, 12, 13  # mistral-common's tekken v3 ids (docs/gguf-layout.md §5.1)
 PATCH = 16
 # CLIP normalisation, as written to the mmproj and applied by libmtmd (clip.vision.image_mean/std).
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)

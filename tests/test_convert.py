@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
+
 from pixtral_cpp.convert import ConvertOptions, convert_checkpoint, plan_conversion
 from pixtral_cpp.convert.config import parse_config_json
-
 from pixtral_cpp.gguf_file import read_gguf_header
 from pixtral_cpp.synthetic import SHAPES
 from tests.conftest import convert_tiny

@@ -8,9 +8,9 @@ import struct
 from pathlib import Path
 
 import pytest
+
 from pixtral_cpp.convert import ConvertOptions, convert_checkpoint
 from pixtral_cpp.convert.progress import NullProgress
-
 from pixtral_cpp.errors import (
     CheckpointError,
     ConfigError,

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pixtral_cpp.convert import ConvertOptions, NullProgress, convert_checkpoint
 
+from pixtral_cpp.convert import ConvertOptions, NullProgress, convert_checkpoint
 from pixtral_cpp.errors import ConfigError, OutputError, TensorError, TokenizerError
 
 # Written into the JSON as the literal text 1e999, which Python's json reads as inf.

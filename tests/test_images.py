@@ -90,7 +90,7 @@ def test_grid_matches_mistral_common(mc_encoder: ImageEncoder, max_image_size: i
 
 
 def test_documented_token_counts() -> None:
-    assert pixtral_geometry(1024, 768).n_image_positions == 3120  # docs/runtime-findings.md §2
+    assert pixtral_geometry(1024, 768).n_image_positions == 3120  # docs/runtime-notes.md §2
     assert pixtral_geometry(200, 150).n_image_positions == 140
     assert max_image_tokens() == 64 * 65 and max_image_tokens(512) == 32 * 33 and max_image_tokens(16) == 2
 

@@ -84,7 +84,7 @@ def test_image_prompt_logits_match_the_reference(pixtral, reference, mistral_tok
     ours = pixtral.prompt_logits([Message("user", (Image(image), Text(question)))])
     stats = pixtral.describe(image, question, max_tokens=1, temperature=0).stats
     assert np.isfinite(ours).all()
-    # Same pixels (ours): only llama.cpp's arithmetic differs, findings §4's float32 image floor.
+    # Same pixels (ours): only llama.cpp's arithmetic differs, docs/runtime-notes.md §4's float32 image floor.
     same_pixels, positions = reference_logits(reference, mistral_tokenizer, image, question,
                                               prepare_image(image).pixels)
     assert stats.image_tokens == positions  # mistral-common's [IMG]/[IMG_BREAK]/[IMG_END] count

@@ -64,7 +64,7 @@ def _sha256(path: Path) -> str:
 
 
 def _unpermute_from_hf(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
-    # pixtral-gguf-facts.md §3.1: inside each head, native row 2i + j = HF row j * d/2 + i.
+    # docs/gguf-layout.md §3.1: inside each head, native row 2i + j = HF row j * d/2 + i.
     rows, columns = weight.shape
     return weight.reshape(rows // head_dim, 2, head_dim // 2, columns).transpose(1, 2).reshape(rows, columns)
 

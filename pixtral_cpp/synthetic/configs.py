@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pixtral_cpp.gguf_keys import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
 from pixtral_cpp.synthetic.shapes import SyntheticShape
 
 IMG_TOKEN_ID = 10  # [IMG] in tekken v3
@@ -27,9 +28,6 @@ PIXTRAL_VISION_DEFAULTS: dict[str, Any] = {
     "num_channels": 3, "image_size": 1024, "patch_size": 16, "hidden_act": "gelu",
 }
 
-# OpenAI CLIP normalisation, used by Pixtral (mistral_common DATASET_MEAN / DATASET_STD).
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def native_params(shape: SyntheticShape) -> dict[str, Any]:
@@ -107,7 +105,8 @@ def preprocessor_config(shape: SyntheticShape) -> dict[str, Any]:
     return {
         "image_processor_type": "PixtralImageProcessor", "processor_class": "PixtralProcessor",
         "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
-        "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "patch_size": {"height": patch, "width": patch},
+        "image_mean": list(CLIP_IMAGE_MEAN), "image_std": list(CLIP_IMAGE_STD),
+        "patch_size": {"height": patch, "width": patch},
         "resample": 3, "rescale_factor": 1 / 255, "size": {"longest_edge": shape.vision.image_size},
     }
 

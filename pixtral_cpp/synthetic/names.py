@@ -1,4 +1,10 @@
-"""The Pixtral tensor table: one row per tensor kind, its native and HF names, shape and initialisation."""
+"""The Pixtral tensor table: one row per tensor kind, its native and HF names, shape and initialisation.
+
+Independent of convert/tensor_map.py on purpose: the synthetic checkpoints are the oracle the converter is
+tested against, so this table spells the source names again from the model's own layouts and imports
+nothing from the converter (a name wrong in the converter's table then fails its tests instead of being
+generated wrong here too).
+"""
 
 from __future__ import annotations
 
@@ -85,7 +91,7 @@ def _kv_rows(s: SyntheticShape) -> int:
 _T, _V = Repeat.TEXT_LAYERS, Repeat.VISION_LAYERS
 _VL_NATIVE, _VL_HF = "vision_encoder.transformer.layers.{n}.", "{vision}transformer.layers.{n}."
 
-# Sources: pixtral-gguf-facts.md §2.1 (text) and §2.2 (vision, adapter); shapes are torch (out, in).
+# Sources: docs/gguf-layout.md §2.1 (text) and §2.2 (vision, adapter); shapes are torch (out, in).
 TENSOR_TABLE: tuple[TensorKind, ...] = (
     # Text decoder (Mistral-NeMo layout).
     TensorKind("tok_embeddings.weight", "{text}embed_tokens.weight",
@@ -146,8 +152,8 @@ TENSOR_TABLE: tuple[TensorKind, ...] = (
 
 
 @dataclass(frozen=True)
-class PlannedTensor:
-    """One concrete tensor of a checkpoint."""
+class CheckpointTensor:
+    """One concrete tensor of a synthetic checkpoint (the converter's GGUF-side record is plan.PlannedTensor)."""
 
     native: str
     kind: TensorKind
@@ -166,7 +172,12 @@ def _layer_count(repeat: Repeat, shape: SyntheticShape) -> int | None:
     return None
 
 
-def plan_tensors(shape: SyntheticShape) -> list[PlannedTensor]:
+def _repeat_count(repeat: Repeat, shape: SyntheticShape) -> int:
+    count = _layer_count(repeat, shape)
+    return 1 if count is None else count
+
+
+def plan_tensors(shape: SyntheticShape) -> list[CheckpointTensor]:
     """Every tensor of the checkpoint in writing order: table order, repeated blocks layer by layer."""
     planned = []
     for repeat, group in itertools.groupby(TENSOR_TABLE, key=lambda kind: kind.repeat):
@@ -174,7 +185,7 @@ def plan_tensors(shape: SyntheticShape) -> list[PlannedTensor]:
         count = _layer_count(repeat, shape)
         layers: list[int | None] = list(range(count)) if count is not None else [None]
         for layer in layers:
-            planned.extend(PlannedTensor(kind.native.format(n=layer), kind, layer, kind.shape(shape))
+            planned.extend(CheckpointTensor(kind.native.format(n=layer), kind, layer, kind.shape(shape))
                            for kind in kinds)
     return planned
 
@@ -185,8 +196,8 @@ def canonical_tensor_names(shape: SyntheticShape) -> list[str]:
 
 
 def expected_tensor_count(shape: SyntheticShape) -> int:
-    """Number of tensors in a checkpoint of this shape (the same in both layouts)."""
-    return 3 + 9 * shape.text.layers + 2 + 9 * shape.vision.layers + 4
+    """Number of tensors in a checkpoint of this shape (the same in both layouts), counted from the table."""
+    return sum(_repeat_count(kind.repeat, shape) for kind in TENSOR_TABLE)
 
 
 def _native_pattern(kind: TensorKind) -> re.Pattern[str]:

@@ -77,7 +77,7 @@ SHAPES: dict[str, SyntheticShape] = {
         TextShape(hidden=5120, layers=2, heads=32, kv_heads=8, head_dim=128, ffn=14336),
         VisionShape(hidden=1024, layers=2, heads=16, ffn=4096),
     ),
-    # Pixtral-12B-2409 itself (pixtral-gguf-facts.md §1).
+    # Pixtral-12B-2409 itself (docs/gguf-layout.md §1).
     "full": SyntheticShape(
         TextShape(hidden=5120, layers=40, heads=32, kv_heads=8, head_dim=128, ffn=14336),
         VisionShape(hidden=1024, layers=24, heads=16, ffn=4096),

@@ -21,7 +21,7 @@ import numpy as np
 
 from pixtral_cpp.errors import ConfigError
 from pixtral_cpp.synthetic import configs
-from pixtral_cpp.synthetic.names import HfPrefixes, Init, PlannedTensor, Rope, plan_tensors
+from pixtral_cpp.synthetic.names import CheckpointTensor, HfPrefixes, Init, Rope, plan_tensors
 from pixtral_cpp.synthetic.safetensors_writer import SafetensorsStreamWriter, TensorEntry
 from pixtral_cpp.synthetic.shapes import SyntheticShape, resolve_shape
 from pixtral_cpp.synthetic.tokenizer_files import TokenizerChoice, install_tokenizer
@@ -65,7 +65,7 @@ def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
     return result
 
 
-def rope_head_dim(tensor: PlannedTensor, shape: SyntheticShape) -> int | None:
+def rope_head_dim(tensor: CheckpointTensor, shape: SyntheticShape) -> int | None:
     """Head size of the RoPE row permutation this tensor gets in the HF layout (None: not permuted)."""
     if tensor.kind.rope in (Rope.TEXT_Q, Rope.TEXT_KV):
         return shape.text.head_dim
@@ -74,7 +74,7 @@ def rope_head_dim(tensor: PlannedTensor, shape: SyntheticShape) -> int | None:
     return None
 
 
-def _rows_per_chunk(tensor: PlannedTensor, shape: SyntheticShape) -> int:
+def _rows_per_chunk(tensor: CheckpointTensor, shape: SyntheticShape) -> int:
     # Chunks of q/k hold whole heads so that the HF permutation can be applied chunk by chunk.
     align = rope_head_dim(tensor, shape) or 1
     row_size = math.prod(tensor.shape[1:])
@@ -100,19 +100,19 @@ def _draw(init: Init, rng: np.random.Generator, size: tuple[int, ...], fan_in: i
     return values
 
 
-def _chunk_plan(tensor: PlannedTensor, shape: SyntheticShape) -> list[tuple[int, int]]:
+def _chunk_plan(tensor: CheckpointTensor, shape: SyntheticShape) -> list[tuple[int, int]]:
     """(chunk index, row count) of each row block; the index keys the block's RNG stream."""
     rows, step = tensor.shape[0], _rows_per_chunk(tensor, shape)
     return [(index, min(step, rows - start)) for index, start in enumerate(range(0, rows, step))]
 
 
-def _native_chunk(tensor: PlannedTensor, seed: int, index: int, count: int) -> np.ndarray:
+def _native_chunk(tensor: CheckpointTensor, seed: int, index: int, count: int) -> np.ndarray:
     rest = tensor.shape[1:]
     fan_in = math.prod(rest)  # (out, in) matrices and (out, channels, patch, patch) convolutions
     return _draw(tensor.kind.init, _rng(seed, tensor.native, index), (count, *rest), fan_in)
 
 
-def native_value_chunks(tensor: PlannedTensor, shape: SyntheticShape, seed: int) -> Iterator[np.ndarray]:
+def native_value_chunks(tensor: CheckpointTensor, shape: SyntheticShape, seed: int) -> Iterator[np.ndarray]:
     """The tensor's float32 values in the native layout, as consecutive row blocks."""
     for index, count in _chunk_plan(tensor, shape):
         yield _native_chunk(tensor, seed, index, count)
@@ -128,7 +128,7 @@ def permute_for_hf(rows: np.ndarray, head_dim: int) -> np.ndarray:
     return heads.swapaxes(1, 2).reshape(rows.shape)
 
 
-def _encoded_chunk(tensor: PlannedTensor, shape: SyntheticShape, options: _Options,
+def _encoded_chunk(tensor: CheckpointTensor, shape: SyntheticShape, options: _Options,
                    index: int, count: int) -> np.ndarray:
     values = _native_chunk(tensor, options.seed, index, count)
     # Round once, then shuffle rows: the HF file holds bit-identical values in another order.
@@ -139,7 +139,7 @@ def _encoded_chunk(tensor: PlannedTensor, shape: SyntheticShape, options: _Optio
     return encoded.astype(encoded.dtype.newbyteorder("<"), copy=False)
 
 
-def _encoded_chunks(tensor: PlannedTensor, shape: SyntheticShape, options: _Options,
+def _encoded_chunks(tensor: CheckpointTensor, shape: SyntheticShape, options: _Options,
                     pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
     # numpy's RNG and ufuncs release the GIL: workers draw the next blocks while this thread writes.
     # The look-ahead bounds memory to a few blocks.
@@ -152,7 +152,7 @@ def _encoded_chunks(tensor: PlannedTensor, shape: SyntheticShape, options: _Opti
         yield pending.popleft().result()
 
 
-def _write_safetensors(path: Path, tensors: list[PlannedTensor], names: list[str],
+def _write_safetensors(path: Path, tensors: list[CheckpointTensor], names: list[str],
                        shape: SyntheticShape, options: _Options) -> None:
     dtype = _SAFETENSORS_DTYPE[options.dtype]
     entries = [TensorEntry(name, dtype, tensor.shape) for name, tensor in zip(names, tensors, strict=True)]
@@ -161,17 +161,17 @@ def _write_safetensors(path: Path, tensors: list[PlannedTensor], names: list[str
             writer.write_tensor(name, _encoded_chunks(tensor, shape, options, pool))
 
 
-def tensor_nbytes(tensor: PlannedTensor, dtype: DType) -> int:
+def tensor_nbytes(tensor: CheckpointTensor, dtype: DType) -> int:
     """Bytes the tensor occupies in a checkpoint of the given dtype."""
     return math.prod(tensor.shape) * (2 if dtype == "bfloat16" else 4)
 
 
-def split_into_shards(tensors: list[PlannedTensor], shards: int, dtype: DType) -> list[list[PlannedTensor]]:
+def split_into_shards(tensors: list[CheckpointTensor], shards: int, dtype: DType) -> list[list[CheckpointTensor]]:
     """Consecutive groups of roughly equal byte size, none empty."""
     if not 1 <= shards <= len(tensors):
         raise ConfigError(f"hf_shards must be between 1 and {len(tensors)}, got {shards}")
     total = sum(tensor_nbytes(tensor, dtype) for tensor in tensors)
-    groups: list[list[PlannedTensor]] = [[] for _ in range(shards)]
+    groups: list[list[CheckpointTensor]] = [[] for _ in range(shards)]
     done, previous = 0, -1
     for position, tensor in enumerate(tensors):
         # The shard holding the tensor's middle byte, but never skipping a shard and always leaving
