@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from bench_convert import ensure_checkpoint
 from PIL import Image
+
 from pixtral_cpp.convert import ConvertOptions, convert_checkpoint
 
 

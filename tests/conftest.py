@@ -10,8 +10,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from pixtral_cpp.convert import ConvertOptions, convert_checkpoint  # noqa: E402
 
+from pixtral_cpp.convert import ConvertOptions, convert_checkpoint  # noqa: E402
 from pixtral_cpp.synthetic import write_synthetic_checkpoint  # noqa: E402
 
 SEED = 1234

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image as PILImage
-from pixtral_cpp.convert import ConvertOptions, convert_checkpoint
 
+from pixtral_cpp.convert import ConvertOptions, convert_checkpoint
 from pixtral_cpp.errors import ContextLengthError, ImageError, ModelError
 from pixtral_cpp.model import PixtralModel
 from pixtral_cpp.model_files import find_model_files

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from pixtral_cpp.convert.safetensors_reader import SafetensorsFile
 
+from pixtral_cpp.convert.safetensors_reader import SafetensorsFile
 from pixtral_cpp.errors import CheckpointError, TensorError
 
 FUZZ_SECONDS = 6.0

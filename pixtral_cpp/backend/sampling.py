@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import logging
 import math
 import os
 import re
-import sys
-import tempfile
-import threading
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +17,7 @@ import numpy as np
 from pixtral_cpp.backend._native import bindings, log_listener, schema_converter
 from pixtral_cpp.backend.text import TextModel
 from pixtral_cpp.errors import BackendError, PixtralError
+from pixtral_cpp.quiet_stderr import capture_stderr
 
 logger = logging.getLogger("pixtral_cpp.llama")
 
@@ -168,7 +164,7 @@ class Sampler:
         model, _ = self.text_model._handles()
         vocab = self._llama.llama_model_get_vocab(model)
         logged: list[str] = []
-        with log_listener(logged.append), _stderr_captured() as printed:
+        with log_listener(logged.append), capture_stderr() as printed:
             stage = self._llama.llama_sampler_init_grammar(vocab, grammar.encode(), root.encode())
         if printed:
             logger.debug("llama.cpp's grammar parser wrote: %s", "".join(printed))
@@ -228,33 +224,6 @@ class Sampler:
 
 def _random_seed() -> int:
     return int.from_bytes(os.urandom(4), "little") % _DEFAULT_SEED
-
-
-_STDERR_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _stderr_captured() -> Iterator[list[str]]:
-    """Collect what C code writes to file descriptor 2 meanwhile: llama.cpp's grammar parser reports
-    syntax errors with fprintf(stderr) rather than through its log callback."""
-    printed: list[str] = []
-    _STDERR_LOCK.acquire()  # fd 2 is process-wide: two builds at once would restore the wrong one
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with tempfile.TemporaryFile() as sink:
-            os.dup2(sink.fileno(), 2)
-            try:
-                yield printed
-            finally:
-                os.dup2(saved, 2)
-                sink.seek(0)
-                text = sink.read().decode("utf-8", errors="replace")
-                if text.strip():
-                    printed.append(text)
-    finally:
-        os.close(saved)
-        _STDERR_LOCK.release()
 
 
 def _grammar_reason(messages: list[str]) -> str:
