@@ -32,9 +32,11 @@ from typing import Any
 MEDIA_MARKER = "<__media__>"
 
 PIXTRAL_CHAT_TEMPLATE = r"""
-{#- Pixtral (mistral-common v3, tekken) for llama.cpp's mtmd; written by pixtral-cpp. -#}
+{#- Pixtral (mistral-common v3, tekken) for llama.cpp's mtmd; written by pixtral-cpp.
+    Tools ([AVAILABLE_TOOLS]) are refused. Each user turn is "[INST]" ~ text ~ "[/INST]": with these two
+    markers llama.cpp's non-Jinja route takes this template for its built-in mistral-v3-tekken format. -#}
 {%- set media = "<__media__>" -%}
-{%- set ns = namespace(system=[], turns=[], role=none, chunks=[], users=0) -%}
+{%- set ns = namespace(system=[], turns=[], role=none, chunks=[], users=0, pending="", image="") -%}
 {#- Pass 1: merge each run of same-role messages into one turn of text and image chunks. -#}
 {%- for message in messages + [{"role": "__end__"}] -%}
   {%- if message.role != ns.role -%}
@@ -53,19 +55,45 @@ PIXTRAL_CHAT_TEMPLATE = r"""
   {%- endif -%}
   {%- set content = message.content if message.content is defined and message.content is not none else "" -%}
   {%- for part in ([{"type": "text", "text": content}] if content is string else content) -%}
-    {%- if part.type in ["image_url", "image"] or (part.type == "text" and part.text == media) -%}
-      {%- if message.role != "user" -%}
-        {{- raise_exception("only user messages can hold images, not " ~ message.role ~ " messages") -}}
-      {%- endif -%}
-      {%- set ns.chunks = ns.chunks + [{"type": "image"}] -%}
-    {%- elif part.type != "text" -%}
+    {%- set ns.image = part.text if part.type == "media_marker" else media -%}
+    {%- if part.type in ["image_url", "image", "media_marker"] -%}
+      {%- set pieces = ["", "_>"] -%}  {#- an image part reads as text holding one marker -#}
+    {%- elif part.type == "text" -%}
+      {#- A media marker inside text is an image: mtmd's "<__media__>" (MTMDChatHandler) or llama-server's
+          "<__media_" ~ 32 letters or digits ~ "__>" (it hands the template images as markers in text). -#}
+      {%- set pieces = part.text.split("<__media_") -%}
+    {%- else -%}
       {{- raise_exception("unsupported content part type '" ~ part.type ~ "'; use text or image_url") -}}
-    {%- elif part.text and ns.chunks and ns.chunks[-1].type == "text" -%}
-      {%- set joined = ns.chunks[-1].text ~ "\n\n" ~ part.text -%}
-      {%- set ns.chunks = ns.chunks[:-1] + [{"type": "text", "text": joined}] -%}
-    {%- elif part.text -%}
-      {%- set ns.chunks = ns.chunks + [{"type": "text", "text": part.text}] -%}
     {%- endif -%}
+    {%- set ns.pending = pieces[0] -%}
+    {%- for piece in pieces[1:] + [none] -%}
+      {%- if piece is none -%}
+        {%- set marker = {"text": "", "after": ""} -%}  {#- the end of the part: flush its text -#}
+      {%- elif piece.startswith("_>") -%}
+        {%- set marker = {"text": ns.image, "after": piece.split("_>", 1)[1]} -%}
+      {%- elif "__>" in piece -%}
+        {%- set halves = piece.split("__>", 1) -%}
+        {%- set marker = {"text": "<__media_" ~ halves[0] ~ "__>", "after": halves[1]} -%}
+      {%- else -%}
+        {%- set marker = none -%}
+      {%- endif -%}
+      {%- if marker is none -%}
+        {%- set ns.pending = ns.pending ~ "<__media_" ~ piece -%}
+      {%- else -%}
+        {%- if ns.pending and ns.chunks and ns.chunks[-1].type == "text" -%}
+          {%- set joined = ns.chunks[-1].text ~ "\n\n" ~ ns.pending -%}
+          {%- set ns.chunks = ns.chunks[:-1] + [{"type": "text", "text": joined}] -%}
+        {%- elif ns.pending -%}
+          {%- set ns.chunks = ns.chunks + [{"type": "text", "text": ns.pending}] -%}
+        {%- endif -%}
+        {%- if marker.text and message.role != "user" -%}
+          {{- raise_exception("only user messages can hold images, not " ~ message.role ~ " messages") -}}
+        {%- elif marker.text -%}
+          {%- set ns.chunks = ns.chunks + [{"type": "image", "text": marker.text}] -%}
+        {%- endif -%}
+        {%- set ns.pending = marker.after -%}
+      {%- endif -%}
+    {%- endfor -%}
   {%- endfor -%}
 {%- endfor -%}
 {%- if not ns.turns or ns.turns[0].role != "user" -%}
@@ -87,7 +115,7 @@ PIXTRAL_CHAT_TEMPLATE = r"""
       {{- system_prompt ~ "\n\n" -}}
     {%- endif -%}
     {%- for chunk in chunks -%}
-      {{- media if chunk.type == "image" else chunk.text -}}
+      {{- chunk.text -}}
     {%- endfor -%}
     {{- "[/INST]" -}}
     {%- set ns.users = ns.users + 1 -%}
