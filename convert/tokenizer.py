@@ -11,12 +11,13 @@ import base64
 import binascii
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import gguf
 
+from pixtral_cpp.byte_tokens import token_bytes_of, token_string  # noqa: F401 - tests import token_bytes_of here
 from pixtral_cpp.convert.json_files import MAX_TOKENIZER_BYTES, brief, read_json_object
 from pixtral_cpp.errors import TokenizerError
 
@@ -86,40 +87,6 @@ class Vocabulary:
     def image_token_ids(self) -> ImageTokenIds:
         """The image layout token ids, looked up by name."""
         return ImageTokenIds(self.id_of(IMG_TOKEN), self.id_of(IMG_BREAK_TOKEN), self.id_of(IMG_END_TOKEN))
-
-
-@lru_cache(maxsize=1)
-def _byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte→character table: printable bytes stay, the other 68 move to U+0100 upwards
-    (the rule as docs/gguf-layout.md §5.2 states it; llama.cpp's BPE decoder inverts it)."""
-    kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    table = {byte: chr(byte) for byte in kept}
-    shifted = (byte for byte in range(256) if byte not in table)
-    table.update({byte: chr(256 + n) for n, byte in enumerate(shifted)})
-    return table
-
-
-@lru_cache(maxsize=1)
-def _latin1_translation() -> dict[int, str]:
-    # bytes.decode("latin-1") maps byte b to chr(b); translating only the moved bytes is far faster than
-    # joining per byte over 150k tokens.
-    return {byte: char for byte, char in _byte_to_unicode().items() if ord(char) != byte}
-
-
-def token_string(token_bytes: bytes) -> str:
-    """The GGUF string of an ordinary token: its bytes through GPT-2's byte→unicode table."""
-    return token_bytes.decode("latin-1").translate(_latin1_translation())
-
-
-@lru_cache(maxsize=1)
-def _unicode_to_byte() -> dict[str, int]:
-    return {char: byte for byte, char in _byte_to_unicode().items()}
-
-
-def token_bytes_of(token: str) -> bytes:
-    """Inverse of `token_string`; raises KeyError for characters outside the byte table."""
-    table = _unicode_to_byte()
-    return bytes(table[char] for char in token)
 
 
 # ----------------------------------------------------------------------------------------- tekken.json

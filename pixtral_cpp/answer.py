@@ -21,6 +21,7 @@ from pixtral_cpp.placement import Placement
 from pixtral_cpp.prompt_cache import PromptCache
 from pixtral_cpp.prompt_fit import StagedImage, check_prompt_fits, stage_images
 from pixtral_cpp.results import Chunk, FinishReason, GenerationStats
+from pixtral_cpp.tekken_tokenizer import prompt_tokenizer
 
 Piece = tuple[Run, int, int]  # one batch: positions start:stop of a run
 
@@ -33,6 +34,7 @@ class Answerer:
         self._text, self._vision = text, vision
         self._options, self._placement = options, placement
         self._specials = SpecialTokens.from_model(text)
+        self._tokenize = prompt_tokenizer(text)  # tekken's own rule, not llama.cpp's (tekken_tokenizer.py)
         self.kv = KVCache(text)
         self.memo = PromptCache(options.image_cache_size)
         self.images_encoded = 0  # over the model's lifetime; follow-up questions should not add to it
@@ -63,7 +65,7 @@ class Answerer:
 
     def tokenize(self, text: str) -> list[int]:
         """Plain text as the prompt builder encodes it: no BOS, control tokens not parsed."""
-        return self._text.tokenize(text, add_special=False, parse_special=False)
+        return self._tokenize(text)
 
     def _remember_answer(self, outcome: Outcome) -> None:
         # Only answers whose text is exactly what the tokens say: not cut by a stop string or a cancel,

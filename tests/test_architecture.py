@@ -15,7 +15,7 @@ ALLOWED_BELOW = {
     "pixtral_cpp.backend": ("pixtral_cpp.errors", "pixtral_cpp.gguf_file", "pixtral_cpp.build_presets",
                             "pixtral_cpp.quiet_stderr"),
     "pixtral_cpp.convert": ("pixtral_cpp.errors", "pixtral_cpp.gguf_keys", "pixtral_cpp.formatting",
-                            "pixtral_cpp.paths", "pixtral_cpp.backend.row_quantizer"),
+                            "pixtral_cpp.paths", "pixtral_cpp.backend.row_quantizer", "pixtral_cpp.byte_tokens"),
 }
 
 
