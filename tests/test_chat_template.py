@@ -13,6 +13,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from PIL import Image
 
 from pixtral_cpp.backend import llama_cpp_python
+from pixtral_cpp.backend.chat_template import apply_builtin_chat_template
 from pixtral_cpp.convert.chat_template import MEDIA_MARKER, PIXTRAL_CHAT_TEMPLATE, render_chat
 from pixtral_cpp.convert.tokenizer import load_tekken
 from pixtral_cpp.synthetic.tekken import real_tekken_path
@@ -21,6 +22,8 @@ from tests.mistral_reference import (
     CONVERSATIONS,
     IMG_END,
     PATCH,
+    TALL,
+    WIDE,
     Conversation,
     Part,
     mistral_request,
@@ -167,3 +170,126 @@ def test_unsupported_conversations_raise(messages: list[dict[str, Any]], problem
 def test_vocab_gguf_fixture_is_the_real_vocabulary(llama: llama_cpp.Llama) -> None:
     assert llama.n_vocab() == 131072
     assert llama.tokenize(b"[IMG_END]", add_bos=False, special=True) == [IMG_END]
+
+
+# --- Other tools: llama.cpp's non-Jinja route and llama-server's messages (docs/other-tools.md) --------------
+
+# Conversations llama.cpp's built-in mistral-v3-tekken format renders as mistral-common does: string turns
+# (images as mtmd markers before the text, as llama-mtmd-cli puts them), a system prompt only before a
+# single user turn, no trailing spaces in assistant turns.
+BUILTIN_FAITHFUL: dict[str, Conversation] = {
+    "single_turn": CONVERSATIONS["single_turn"],
+    "image_only": CONVERSATIONS["image_only"],
+    "several_images_then_text": CONVERSATIONS["several_images_then_text"],
+    "images_between_text": CONVERSATIONS["images_between_text"],
+    "system_then_image_and_text": [("system", "Be concise."), ("user", [TALL, "What is it?"])],
+    "two_turns": [("user", "Hi"), ("assistant", "Hello! How can I help?"), ("user", [WIDE, "And this?"])],
+    "three_text_turns": [("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye")],
+}
+
+
+def builtin_messages(conversation: Conversation) -> list[tuple[str, str]]:
+    """(role, text) pairs as llama.cpp's legacy route receives them: images as mtmd's marker, in place."""
+    return [(role, content if isinstance(content, str)
+             else "".join(MEDIA_MARKER if isinstance(p, Image.Image) else p for p in content))
+            for role, content in conversation]
+
+
+def test_llama_cpp_takes_the_template_for_mistral_v3_tekken() -> None:
+    """llama_chat_apply_template with the template's source renders exactly its mistral-v3-tekken format,
+    not llama2's spaced "[INST] ... [/INST]" (what it took before: docs/other-tools.md)."""
+    for conversation in [*BUILTIN_FAITHFUL.values(), *CONVERSATIONS.values()]:
+        messages = builtin_messages(conversation)
+        ours = apply_builtin_chat_template(PIXTRAL_CHAT_TEMPLATE, messages)
+        assert ours == apply_builtin_chat_template("mistral-v3-tekken", messages)
+        assert ours != apply_builtin_chat_template("llama2", messages)
+    assert apply_builtin_chat_template(PIXTRAL_CHAT_TEMPLATE, [("user", "Hi")]) == "[INST]Hi[/INST]"
+
+
+@pytest.mark.parametrize("name", BUILTIN_FAITHFUL)
+def test_builtin_route_gives_mistral_common_tokens(name: str, llama: llama_cpp.Llama,
+                                                   mistral_tokenizer: MistralTokenizer) -> None:
+    """llama-mtmd-cli without --jinja: the C++ rendering equals the Jinja one and mistral-common's ids."""
+    conversation = BUILTIN_FAITHFUL[name]
+    builtin = apply_builtin_chat_template(PIXTRAL_CHAT_TEMPLATE, builtin_messages(conversation))
+    assert builtin == render_chat(openai_messages(conversation))
+    reference = mistral_tokenizer.encode_chat_completion(mistral_request(conversation))
+    assert mtmd_sequence(llama, builtin, images_in_handler_order(conversation)) == with_image_layouts(
+        reference.tokens)
+
+
+def test_builtin_route_differences_are_the_documented_ones() -> None:
+    """Where the C++ format departs from mistral-common (docs/other-tools.md): a system prompt stays where it
+    is instead of joining the last user turn, assistant text keeps its trailing spaces, and an image given
+    after the text stays there."""
+    def both(conversation: Conversation) -> tuple[str, str]:
+        return (apply_builtin_chat_template(PIXTRAL_CHAT_TEMPLATE, builtin_messages(conversation)),
+                render_chat(openai_messages(conversation)))
+
+    system_first = [("system", "S"), ("user", "a"), ("assistant", "b"), ("user", "c")]
+    assert both(system_first) == ("[INST]S\n\na[/INST]b</s>[INST]c[/INST]", "[INST]a[/INST]b</s>[INST]S\n\nc[/INST]")
+    assert both([("user", "a"), ("assistant", "b  "), ("user", "c")]) == (
+        "[INST]a[/INST]b  </s>[INST]c[/INST]", "[INST]a[/INST]b</s>[INST]c[/INST]")
+    assert both([("user", ["Describe", WIDE])]) == (
+        "[INST]Describe<__media__>[/INST]", "[INST]<__media__>Describe[/INST]")
+
+
+# llama-server (tools/server, get_media_marker): "<__media_" + 32 random letters or digits + "__>".
+SERVER_MARKER = "<__media_Qx7PmA0kZ3bR9sT1uV5wY2cD8eF4gH6j__>"
+
+
+def server_messages(conversation: Conversation, marker: str = SERVER_MARKER) -> list[dict[str, Any]]:
+    """What llama-server hands the template (common_chat_msg::to_json_oaicompat): a message holding an image
+    becomes one string, its text parts joined by a line break, markers with nothing around them."""
+    messages = []
+    for role, content in conversation:
+        if not isinstance(content, str):
+            text, previous_was_text = "", False
+            for item in content:
+                if isinstance(item, Image.Image):
+                    text, previous_was_text = text + marker, False
+                else:
+                    text, previous_was_text = text + ("\n" if previous_was_text else "") + item, True
+            content = text
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+SERVER_FAITHFUL = [name for name in CONVERSATIONS if name != "two_texts_then_image"]
+
+
+@pytest.mark.parametrize("name", SERVER_FAITHFUL)
+def test_server_messages_give_mistral_common_tokens(name: str, llama: llama_cpp.Llama,
+                                                    mistral_tokenizer: MistralTokenizer) -> None:
+    """The template finds llama-server's markers in text: [text, image] gets its image first there too."""
+    conversation = CONVERSATIONS[name]
+    rendered = render_chat(server_messages(conversation))
+    assert rendered.count(SERVER_MARKER) == len(images_in_handler_order(conversation))
+    ours = mtmd_sequence(llama, rendered.replace(SERVER_MARKER, MEDIA_MARKER), images_in_handler_order(conversation))
+    reference = mistral_tokenizer.encode_chat_completion(mistral_request(conversation))
+    assert ours == with_image_layouts(reference.tokens)
+
+
+def test_server_text_then_image_is_moved_like_mistral_common() -> None:
+    image = {"type": "image_url", "image_url": {"url": "a.png"}}
+    text = {"type": "text", "text": "Describe this"}
+    expected = f"[INST]{SERVER_MARKER}Describe this[/INST]"
+    assert render_chat([{"role": "user", "content": "Describe this" + SERVER_MARKER}]) == expected
+    assert render_chat([{"role": "user", "content": SERVER_MARKER + "Describe this"}]) == expected
+    # a media_marker part (typed content) keeps its own marker
+    assert render_chat([{"role": "user", "content": [text, {"type": "media_marker", "text": SERVER_MARKER}]}]) == (
+        expected)
+    assert render_chat([{"role": "user", "content": [text, image]}]) == "[INST]<__media__>Describe this[/INST]"
+
+
+@pytest.mark.parametrize("text", ["a <__media_ b", "<__media_x", "x__>y<__media_", "<__media_>"])
+def test_marker_lookalikes_stay_text(text: str) -> None:
+    assert render_chat([{"role": "user", "content": text}]) == f"[INST]{text}[/INST]"
+
+
+def test_server_joins_text_parts_with_one_line_break() -> None:
+    """The documented limitation: llama-server joins the text parts of a message holding an image with "\\n",
+    mistral-common with "\\n\\n", before the template sees them."""
+    conversation = CONVERSATIONS["two_texts_then_image"]
+    assert render_chat(server_messages(conversation)) == f"[INST]{SERVER_MARKER}First part.\nSecond part.[/INST]"
+    assert render_chat(openai_messages(conversation)) == "[INST]<__media__>First part.\n\nSecond part.[/INST]"
