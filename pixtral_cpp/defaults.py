@@ -13,3 +13,10 @@ DEFAULT_CONTEXT = 8192
 
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_TEMPERATURE = 0.3  # Mistral's recommendation for Pixtral is low; 0 is greedy
+
+# Models from the hub (pixtral_cpp.model_select, pixtral_cpp.hub_models): what a first run offers to pull, and
+# llama.cpp's `-hf` defaults (common/download.cpp: Q4_K_M, then Q8_0).
+DEFAULT_HUB_MODEL = "ggml-org/pixtral-12b-GGUF:Q4_K_M"
+DEFAULT_TEXT_QUANTS = ("Q4_K_M", "Q8_0")
+MMPROJ_PREFERENCE = ("F16", "BF16", "F32", "Q8_0")  # most precise first; the projector is small
+YES_ENV = "PIXTRAL_CPP_YES"  # set to 1: accept the first run's offer to pull the default model, as --yes

@@ -85,11 +85,13 @@ class PixtralModel:
     @classmethod
     def load(cls, model: Path | str | None = None, mmproj: Path | str | None = None,
              options: ModelOptions | None = None, *, on_progress: ProgressCallback | None = None,
-             **option_fields: Any) -> PixtralModel:
-        """From a .gguf (mmproj found beside it), a folder `convert` wrote, or the default models folder."""
+             mmproj_quant: str | None = None, **option_fields: Any) -> PixtralModel:
+        """From a .gguf (mmproj found beside it), a folder (`FOLDER:QUANT` chooses among several), a hub repo
+        `user/repo[@REVISION][:QUANT]` (pulled into the Hugging Face cache), or the default models folder;
+        `mmproj_quant` chooses among several projectors (default: F16, then BF16, F32, Q8_0)."""
         if option_fields:
             options = replace(options or ModelOptions(), **option_fields)
-        return cls(find_model_files(model, mmproj), options, on_progress=on_progress)
+        return cls(find_model_files(model, mmproj, mmproj_quant), options, on_progress=on_progress)
 
     # -- lifetime -------------------------------------------------------------------------------------
 

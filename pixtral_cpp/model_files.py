@@ -6,7 +6,7 @@ width, a truncated file); everything here is checked from the GGUF headers in Py
 
 from __future__ import annotations
 
-import os
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +17,12 @@ from gguf import Keys
 from pixtral_cpp.errors import ModelError
 from pixtral_cpp.gguf_checks import mmproj_problems, text_problems
 from pixtral_cpp.gguf_file import GGUFHeader, read_gguf_header
-from pixtral_cpp.gguf_keys import IMG_BREAK_TENSOR, MMPROJ_ARCH, PIXTRAL_PROJECTOR, TEXT_ARCH, TextKeys
-from pixtral_cpp.paths import default_models_dir
+from pixtral_cpp.gguf_keys import MMPROJ_ARCH, PIXTRAL_PROJECTOR, TEXT_ARCH, TextKeys
+from pixtral_cpp.pair_quirks import IMG_BREAK_TENSOR, FIX_HINT, PairQuirks, pair_quirks
 
 MODEL_ENV = "PIXTRAL_CPP_MODEL"
 VIS = Keys.ClipVision
-_HOW_TO_GET_ONE = ("convert a checkpoint first, e.g. `pixtral-cpp convert mistralai/Pixtral-12B-2409`, "
-                   "or pass --model PATH")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,62 +72,23 @@ class PairInfo:
     text: TextInfo
     vision: VisionInfo
     problems: tuple[str, ...]
+    quirks: PairQuirks | None = None  # who wrote the files and what pixtral-cpp does about their quirks
 
     @property
     def matches(self) -> bool:
         return not self.problems
 
 
-def find_model_files(model: Path | str | None = None, mmproj: Path | str | None = None) -> ModelFiles:
-    """--model (a .gguf or a folder), else $PIXTRAL_CPP_MODEL, else the default models folder."""
-    where = model or os.environ.get(MODEL_ENV) or default_models_dir()
-    path = Path(where).expanduser()
-    if path.is_dir():
-        text = _only_text_model(path)
-    elif path.is_file():
-        text = path
-    else:
-        origin = "--model" if model else (MODEL_ENV if os.environ.get(MODEL_ENV) else "the default models folder")
-        raise ModelError(f"no model at {path} ({origin}); {_HOW_TO_GET_ONE}")
-    if mmproj is not None:
-        mm = Path(mmproj).expanduser()
-        if not mm.is_file():
-            raise ModelError(f"mmproj {mm} does not exist")
-        return ModelFiles(text, mm)
-    return ModelFiles(text, _matching_mmproj(text))
+def find_model_files(model: Path | str | None = None, mmproj: Path | str | None = None,
+                     mmproj_quant: str | None = None) -> ModelFiles:
+    """--model as a .gguf, a folder, FOLDER:QUANT or a hub repo user/repo[:QUANT], else $PIXTRAL_CPP_MODEL, else
+    the default models folder (pixtral_cpp.model_sources, which logs what it chose among several files)."""
+    from pixtral_cpp.model_sources import resolve_model  # it builds on this module's ModelFiles
 
-
-def _only_text_model(folder: Path) -> Path:
-    candidates = sorted(p for p in folder.glob("*.gguf") if not p.name.startswith("mmproj"))
-    if not candidates:
-        raise ModelError(f"no text model (*.gguf) in {folder}; {_HOW_TO_GET_ONE}")
-    if len(candidates) > 1:
-        names = ", ".join(p.name for p in candidates)
-        raise ModelError(f"{folder} holds several models ({names}); choose one with --model FILE")
-    return candidates[0]
-
-
-def _matching_mmproj(text: Path) -> Path:
-    """`mmproj-<Model>-<QUANT>.gguf` beside `<Model>-<QUANT>.gguf`, the names `convert` writes."""
-    projectors = sorted(text.parent.glob("mmproj*.gguf"))
-    if not projectors:
-        raise ModelError(f"no mmproj (mmproj-*.gguf) beside {text}; pass --mmproj PATH or re-run convert")
-    if len(projectors) == 1:
-        return projectors[0]
-    model_name = text.stem.rsplit("-", 1)[0]
-    same_model = [p for p in projectors if p.name.startswith(f"mmproj-{model_name}-")]
-    if len(same_model) >= 1:
-        return min(same_model, key=_precision_rank)
-    names = ", ".join(p.name for p in projectors)
-    raise ModelError(f"several mmproj files beside {text} ({names}); choose one with --mmproj PATH")
-
-
-def _precision_rank(path: Path) -> int:
-    """Prefer the most precise projector when several quantizations sit side by side."""
-    for rank, tag in enumerate(("-F32", "-F16", "-BF16", "-Q8_0")):
-        if path.stem.endswith(tag):
-            return rank
-    return 99
+    resolved = resolve_model(model, mmproj, mmproj_quant)
+    for note in resolved.notes:
+        log.info("%s", note)
+    return resolved.files
 
 
 def _file_type(header: GGUFHeader) -> str:
@@ -146,11 +106,20 @@ def _number(header: GGUFHeader, key: str, default: int | float = 0) -> int | flo
 
 
 def read_text_info(path: Path) -> TextInfo:
+    return _text_info(_text_header(path))
+
+
+def _text_header(path: Path) -> GGUFHeader:
     header = read_gguf_header(path)
     if header.architecture != TEXT_ARCH:
         looks_like = " — it looks like an mmproj" if header.architecture == MMPROJ_ARCH else ""
         raise ModelError(f"{path} is not a Pixtral text model (architecture {header.architecture!r}, "
                          f"expected {TEXT_ARCH!r}){looks_like}")
+    return header
+
+
+def _text_info(header: GGUFHeader) -> TextInfo:
+    path = header.path
     width, heads = _number(header, TextKeys.EMBEDDING_LENGTH), _number(header, TextKeys.HEAD_COUNT)
     tokens = header.get(Keys.Tokenizer.LIST, ())
     return TextInfo(
@@ -169,9 +138,18 @@ def read_text_info(path: Path) -> TextInfo:
 
 
 def read_vision_info(path: Path) -> VisionInfo:
+    return _vision_info(_vision_header(path))
+
+
+def _vision_header(path: Path) -> GGUFHeader:
     header = read_gguf_header(path)
     if header.architecture != MMPROJ_ARCH:
         raise ModelError(f"{path} is not an mmproj (architecture {header.architecture!r}, expected {MMPROJ_ARCH!r})")
+    return header
+
+
+def _vision_info(header: GGUFHeader) -> VisionInfo:
+    path = header.path
     mm2 = header.tensors.get("mm.2.weight")
     projector = header.get(Keys.Clip.PROJECTOR_TYPE)
     return VisionInfo(
@@ -189,19 +167,23 @@ def read_vision_info(path: Path) -> VisionInfo:
 
 
 def inspect_pair(files: ModelFiles) -> PairInfo:
-    """Both files' facts and every reason they would not work together."""
-    text, vision = read_text_info(files.text), read_vision_info(files.mmproj)
-    problems = [*text.problems, *vision.problems]
+    """Both files' facts, their quirks and every reason they would not work together."""
+    text_header, vision_header = _text_header(files.text), _vision_header(files.mmproj)
+    text, vision = _text_info(text_header), _vision_info(vision_header)
+    quirks = pair_quirks(text_header, vision_header)
+    # A quirk's own line (what it is, why, what fixes it) replaces gguf_checks' bare "is missing".
+    replaced = [f"{key} is missing" for key in (TextKeys.CONTEXT_LENGTH,) if quirks.named("context_length_missing")]
+    problems = [p for p in text.problems if not any(r in p for r in replaced)]
+    problems += [*vision.problems, *(f"{files.text.name} + {files.mmproj.name}: {q.what}; {FIX_HINT}"
+                                     if q.fixable else q.what for q in quirks.refused)]
     if vision.projector_type != PIXTRAL_PROJECTOR:
         problems.append(f"{files.mmproj.name} is a {vision.projector_type!r} projector, not Pixtral's")
     if vision.output_embedding_length != text.embedding_length:
         problems.append(f"{files.mmproj.name} produces embeddings of width {vision.output_embedding_length} but "
                         f"{files.text.name} expects {text.embedding_length}: they come from different models")
-    if not vision.has_img_break:
-        problems.append(f"{files.mmproj.name} lacks {IMG_BREAK_TENSOR}; re-convert it with pixtral-cpp")
     if vision.projector_type == PIXTRAL_PROJECTOR and not vision.use_silu:
         problems.append(f"{files.mmproj.name} lacks {VIS.USE_SILU}; llama.cpp would run the wrong activation")
-    return PairInfo(text, vision, tuple(problems))
+    return PairInfo(text, vision, tuple(problems), quirks)
 
 
 def check_pair(files: ModelFiles) -> PairInfo:
