@@ -110,7 +110,8 @@ TEXT_RULES = (
     _required(TOK.MODEL, STR),
     Rule(TOK.PRE, STR),
     _required(TOK.LIST, ARRAY, lambda v: None if v else "must not be empty", STR),
-    Rule(TOK.SCORES, ARRAY, item=F32),
+    # FLOAT32 or INT32 items: llama-vocab.cpp reads both; llama.cpp's converter writes INT32 zeros from params.json
+    Rule(TOK.SCORES, ARRAY, lambda v: None if all(isinstance(x, (int, float)) for x in v) else "must hold numbers"),
     Rule(TOK.TOKEN_TYPE, ARRAY, item=I32),
     Rule(TOK.MERGES, ARRAY, item=STR),
     Rule(TOK.BOS_ID, U32),
@@ -291,7 +292,7 @@ def _vision_shapes(header: GGUFHeader) -> dict[str, tuple[tuple[int, ...], bool]
     shapes = {"v.patch_embd.weight": ((patch, patch, 3, width), True), "v.pre_ln.weight": ((width,), False),
               "mm.1.weight": ((width, hidden), True), "mm.1.bias": ((hidden,), False),
               "mm.2.weight": ((hidden, out), True), "mm.2.bias": ((out,), False),
-              IMG_BREAK_TENSOR: ((out,), True)}
+              IMG_BREAK_TENSOR: ((out,), False)}  # absent: pair_quirks supplies it from the text model
     for i in range(meta[VIS.BLOCK_COUNT]):
         blk = f"v.blk.{i}"
         shapes |= {f"{blk}.ln1.weight": ((width,), True), f"{blk}.ln2.weight": ((width,), True),

@@ -28,6 +28,7 @@ from pixtral_cpp.control import CallControl, CancelToken, ProgressCallback
 from pixtral_cpp.conversation import Message, normalize_messages
 from pixtral_cpp.defaults import DEFAULT_PROMPT  # noqa: F401 - importable from here, as before
 from pixtral_cpp.errors import PixtralError
+from pixtral_cpp.fix_pair import runnable_mmproj
 from pixtral_cpp.model_files import ModelFiles, PairInfo, check_pair, find_model_files
 from pixtral_cpp.options import GenerationOptions, ModelOptions
 from pixtral_cpp.placement import Placement, plan_placement
@@ -52,13 +53,14 @@ class PixtralModel:
         self.files = files
         set_verbose(self.options.verbose)
         self.info: PairInfo = check_pair(files)  # before llama.cpp sees a mismatched pair
+        mmproj = runnable_mmproj(files, self.info)  # a cached copy with [IMG_BREAK] if it lacks it (fix_pair.py)
         threads = self.options.threads or physical_cores()
         self.placement: Placement = plan_placement(self.options.gpu_layers, self.options.vision_gpu,
                                                    self.info.text.block_count, llama_supports_gpu_offload())
         control = CallControl(on_progress=on_progress)
         self._text = self._load_text(threads, control)
         try:
-            self._vision = VisionContext(files.mmproj, self._text, threads=threads,
+            self._vision = VisionContext(mmproj, self._text, threads=threads,
                                          use_gpu=self.placement.vision_on_gpu, flash_attn=self.options.flash_attn)
             control.report("load", 1.0, 1.0)
         except BaseException:

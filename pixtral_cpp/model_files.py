@@ -17,8 +17,8 @@ from gguf import Keys
 from pixtral_cpp.errors import ModelError
 from pixtral_cpp.gguf_checks import mmproj_problems, text_problems
 from pixtral_cpp.gguf_file import GGUFHeader, read_gguf_header
-from pixtral_cpp.gguf_keys import MMPROJ_ARCH, PIXTRAL_PROJECTOR, TEXT_ARCH, TextKeys
-from pixtral_cpp.pair_quirks import IMG_BREAK_TENSOR, FIX_HINT, PairQuirks, pair_quirks
+from pixtral_cpp.gguf_keys import IMG_BREAK_TENSOR, MMPROJ_ARCH, PIXTRAL_PROJECTOR, TEXT_ARCH, TextKeys
+from pixtral_cpp.pair_quirks import FIX_HINT, PairQuirks, pair_quirks
 
 MODEL_ENV = "PIXTRAL_CPP_MODEL"
 VIS = Keys.ClipVision

@@ -8,6 +8,7 @@ from pixtral_cpp.formatting import format_bytes
 
 if TYPE_CHECKING:
     from pixtral_cpp.model_files import PairInfo
+    from pixtral_cpp.pair_quirks import PairQuirks
 
 
 def format_pair_info(pair: PairInfo) -> str:
@@ -28,4 +29,28 @@ def format_pair_info(pair: PairInfo) -> str:
         f"pair         {'matches' if pair.matches else 'DOES NOT MATCH'}",
     ]
     lines += [f"  - {problem}" for problem in pair.problems]
+    if pair.quirks is not None:
+        lines += format_quirks(pair.quirks)
     return "\n".join(lines)
+
+
+def format_quirks(q: PairQuirks) -> list[str]:
+    """Who wrote the pair, the facts that differ between converters, and pixtral-cpp's verdict."""
+    from pixtral_cpp.pair_quirks import Handling
+
+    def floats(values: tuple[float, ...]) -> str:
+        return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+
+    lines = [
+        "written by",
+        f"  text        {q.text_writer}",
+        f"  mmproj      {q.mmproj_writer}",
+        f"  general.type  text {q.text_type or '-'}, mmproj {q.mmproj_type or '-'}",
+        f"  tokenizer   pre-tokenizer {q.pre_tokenizer or '-'}; chat template {q.chat_template}",
+        f"  [IMG_BREAK] {'in the mmproj' if q.has_img_break else 'missing from the mmproj'}",
+        f"  image norm  mean {floats(q.image_mean)}, std {floats(q.image_std)}: {q.normalization}",
+        f"  context     {q.context_length if q.context_length is not None else 'missing'}",
+        f"verdict      {q.verdict}",
+    ]
+    lines += [f"  - {quirk.what} [{quirk.handling.value}]" for quirk in q.quirks if quirk.handling is Handling.AS_IS]
+    return lines
