@@ -20,6 +20,7 @@ Any other vocabulary is tokenized by llama.cpp, with a warning.
 from __future__ import annotations
 
 import logging
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from itertools import accumulate
 from pathlib import Path
@@ -67,7 +68,7 @@ class TekkenTokenizer:
     def from_vocabulary(cls, model: object, tokens: Sequence[str], types: Sequence[int]) -> TekkenTokenizer:
         """From a GGUF's tokenizer model, token strings and token types; NotTekkenVocabulary if not eligible."""
         n_control = _check_control_tokens(model, tokens, types)
-        return cls(_ranks(tokens[n_control:]), n_control)
+        return cls(_ranks(tokens[n_control:], n_control), n_control)
 
     @classmethod
     def from_gguf(cls, path: Path | str) -> TekkenTokenizer:
@@ -114,13 +115,15 @@ def _check_control_tokens(model: object, tokens: Sequence[str], types: Sequence[
     return n_control
 
 
-def _ranks(strings: Sequence[str]) -> dict[bytes, int]:
+def _ranks(strings: Sequence[str], first_id: int) -> dict[bytes, int]:
     """tiktoken's mergeable ranks from the normal tokens' strings (rank = position), checked to be a BPE table."""
+    ends = list(accumulate(map(len, strings)))
     try:
         joined = strings_to_bytes("".join(strings))  # one byte per character: split at the strings' lengths
     except UnicodeEncodeError as exc:
-        raise NotTekkenVocabulary(f"a token holds {exc.object[exc.start]!r}, which is not GPT-2 byte-level") from None
-    ends = list(accumulate(map(len, strings)))
+        rank = bisect_right(ends, exc.start)
+        raise NotTekkenVocabulary(f"token {first_id + rank} ({strings[rank]!r}) is not a GPT-2 byte-level "
+                                  "string") from None
     pieces = map(joined.__getitem__, map(slice, [0, *ends[:-1]], ends))
     ranks = dict(zip(pieces, range(len(strings)), strict=True))
     if len(ranks) != len(strings):
@@ -129,8 +132,8 @@ def _ranks(strings: Sequence[str]) -> dict[bytes, int]:
         raise NotTekkenVocabulary("the first 256 normal tokens are not the single bytes in order")
     unmergeable = _first_unmergeable(ranks)
     if unmergeable is not None:
-        raise NotTekkenVocabulary(f"token {unmergeable!r} (rank {ranks[unmergeable]}) is not the merge of two "
-                                  "lower-ranked tokens, so the ids are not BPE ranks")
+        raise NotTekkenVocabulary(f"token {first_id + ranks[unmergeable]} ({unmergeable!r}) is not the merge of "
+                                  "two tokens of lower ids, so the ids are not BPE ranks")
     return ranks
 
 
