@@ -119,7 +119,7 @@ def _text_edits(text: GGUFHeader, keep_template: bool) -> FileEdits:
         edits.notes.append(f"added {TextKeys.CONTEXT_LENGTH} = {DEFAULT_CONTEXT_LENGTH} (Pixtral 12B's)")
     if not keep_template and text.get(Keys.Tokenizer.CHAT_TEMPLATE) != PIXTRAL_CHAT_TEMPLATE:
         edits.keys.append(KeyEdit(Keys.Tokenizer.CHAT_TEMPLATE, PIXTRAL_CHAT_TEMPLATE, GGUFValueType.STRING))
-        edits.notes.append("wrote pixtral-cpp's chat template (mistral-common's prompts for Jinja tools)")
+        edits.notes.append("wrote pixtral-cpp's current chat template (mistral-common's prompts for other tools)")
     return edits
 
 

@@ -13,7 +13,6 @@ from enum import Enum
 
 from gguf import Keys
 
-from pixtral_cpp.convert.chat_template import PIXTRAL_CHAT_TEMPLATE
 from pixtral_cpp.gguf_file import GGUFHeader
 from pixtral_cpp.gguf_keys import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, IMG_BREAK_TENSOR, TextKeys
 
@@ -52,7 +51,7 @@ class PairQuirks:
     text_type: str | None  # general.type
     mmproj_type: str | None
     pre_tokenizer: str | None
-    chat_template: str  # "none", "pixtral-cpp's", "pixtral-cpp's (older)", "the name '...'", "another ..."
+    chat_template: str  # "none", "pixtral-cpp's", "the name '...'", "another Jinja template (...)"
     has_img_break: bool
     image_mean: tuple[float, ...]
     image_std: tuple[float, ...]
@@ -106,14 +105,14 @@ def pair_quirks(text: GGUFHeader, mmproj: GGUFHeader) -> PairQuirks:
 def writer_of(header: GGUFHeader, template_kind: str | None) -> str:
     """Who wrote the file, inferred from its general.* keys (no converter records its name or version)."""
     meta = header.metadata
-    if FIXED_BY_KEY in meta:
-        who = PIXTRAL_CPP_FIX_WRITER
-    elif Keys.General.SIZE_LABEL in meta:
+    if Keys.General.SIZE_LABEL in meta:
         who = f"{LLAMA_CPP_WRITER} (it writes general.size_label = {meta[Keys.General.SIZE_LABEL]!r})"
     elif tuple(meta)[:3] == _PIXTRAL_CPP_FIRST_KEYS and (template_kind is None or "pixtral-cpp" in template_kind):
         who = PIXTRAL_CPP_WRITER
     else:
         who = "unknown"
+    if FIXED_BY_KEY in meta:
+        who = f"{PIXTRAL_CPP_FIX_WRITER}, from a file by {who}"
     quantized_by = meta.get(Keys.General.QUANTIZED_BY)
     if isinstance(quantized_by, str):
         who += f", quantized by {quantized_by}"
@@ -187,10 +186,8 @@ def _template_kind(template: object) -> str:
         return "none"
     if not isinstance(template, str):
         return "unreadable"
-    if template == PIXTRAL_CHAT_TEMPLATE:
+    if "written by pixtral-cpp" in template[:200]:  # its first comment says so (convert/chat_template.py)
         return "pixtral-cpp's"
-    if "pixtral-cpp" in template[:200]:  # its first comment names pixtral-cpp
-        return "pixtral-cpp's (an older version)"
     if "{%" not in template and "{{" not in template:
         return f"the name {template[:40]!r}"
     return f"another Jinja template ({len(template)} characters)"

@@ -57,6 +57,9 @@ COMMANDS: dict[str, CommandSpec] = {
     "doctor": CommandSpec("pixtral_cpp.cli.doctor:doctor",
                           "Check the installation offline: backend, convert and run a tiny random Pixtral (a few "
                           "seconds)."),
+    "fix": CommandSpec("pixtral_cpp.cli.fix:fix",
+                       "Write a corrected copy of a GGUF pair (missing [IMG_BREAK], wrong image std, missing "
+                       "context length).", writes_files=True),
     "info": CommandSpec("pixtral_cpp.cli.info:info",
                         "What a GGUF pair is: types, sizes, hyper-parameters, and whether the two files match."),
     "serve": CommandSpec("pixtral_cpp.cli.serve:serve",
