@@ -293,6 +293,14 @@ def test_a_pixtral_pre_file_gets_mistral_commons_prompt(pixtral_pre_pair: tuple[
         model.prompt_logits(messages)
         evaluated = model._answerer.kv.keys  # what llama.cpp's KV cache holds: ids, and image keys per position
         llama_ids = model._text.tokenize(question, add_special=False)
+        spaced = "Hello , world . It 's me ' ok"
+        spaced_ids = reference_ids(tekkenizer, spaced)
+        answer_text = b"".join(model._text.token_piece(token) for token in spaced_ids).decode()
+        cleaned = model._text.detokenize(spaced_ids)
+    # Answers are built from pieces (generate.py), which keep every byte; llama_detokenize would not: for pre
+    # `pixtral` llama.cpp applies clean_up_tokenization_spaces, which tekken and mistral-common never do.
+    assert answer_text == spaced == tekkenizer.decode(spaced_ids)
+    assert cleaned == "Hello, world. It's me'ok"
     assert ["image" if isinstance(key, str) else key for key in evaluated] == \
         ["image" if token in (IMG, IMG_BREAK) else token for token in expected]
     assert llama_ids != reference_ids(tekkenizer, question)  # llama.cpp's Llama-3 split would not have been
