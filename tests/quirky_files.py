@@ -92,7 +92,16 @@ def _value(header: GGUFHeader, key: str, spec: Any) -> tuple[Any, GGUFValueType,
         source = Keys.ClipVision.IMAGE_MEAN if spec == "the mean" else Keys.ClipVision.IMAGE_STD
         return list(header.metadata[source]), GGUFValueType.ARRAY, GGUFValueType.FLOAT32
     value, vtype = spec
+    if vtype is None:  # the type the file has
+        return value, header.value_types[key], header.array_types.get(key)
     return value, vtype, None
+
+
+def rewrite_with_keys(source: Path, out: Path, keys: dict[str, tuple[Any, GGUFValueType | None] | None],
+                      drop_tensors: tuple[str, ...] = ()) -> Path:
+    """A copy of `source` with keys set ((value, type), type None: the file's) or removed (None)."""
+    _rewrite(read_gguf_header(source), out, keys, drop_tensors)
+    return out
 
 
 def _rewrite(header: GGUFHeader, out: Path, keys: dict[str, Any], drop_tensors: tuple[str, ...]) -> None:
