@@ -62,6 +62,12 @@ COMMANDS: dict[str, CommandSpec] = {
                        "context length).", writes_files=True),
     "info": CommandSpec("pixtral_cpp.cli.info:info",
                         "What a GGUF pair is: types, sizes, hyper-parameters, and whether the two files match."),
+    "models": CommandSpec("pixtral_cpp.cli.models:models",
+                          "The models available here (converted, pulled, in the Hugging Face cache); `models rm "
+                          "NAME` removes one."),
+    "pull": CommandSpec("pixtral_cpp.cli.pull:pull",
+                        "Download a GGUF pair from the Hugging Face hub (text model and mmproj) and check it.",
+                        writes_files=True),
     "serve": CommandSpec("pixtral_cpp.cli.serve:serve",
                          "Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, "
                          "/health)."),

@@ -1,0 +1,234 @@
+"""`pull`, `models`, `--model user/repo:QUANT` and the first run, offline (HF_HUB_OFFLINE=1) against a local
+Hugging Face cache laid out like ggml-org's and bartowski's repos (tests/hub_cache.py), with tiny real GGUFs."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image as PILImage
+
+from pixtral_cpp.cli import main
+from pixtral_cpp.errors import ModelError, OutputError
+from pixtral_cpp.hub_models import (
+    HubPlan,
+    RepoFile,
+    RepoListing,
+    check_disk_space,
+    list_cached_repo,
+    parse_hub_spec,
+    pull,
+)
+from tests.hub_cache import (
+    BARTOWSKI,
+    BARTOWSKI_PREFIX,
+    COMMITS,
+    GGML,
+    TinyFiles,
+    add_repo,
+    build_hub_cache,
+    interrupt_download,
+    other_width_mmproj,
+    repo_dir,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(converted) -> TinyFiles:
+    text, mmproj = converted("F16", "F16")
+    return TinyFiles(text=text, text_q8=converted("Q8_0", "F16")[0], mmproj=mmproj)
+
+
+@pytest.fixture
+def cache(tiny, tmp_path, monkeypatch) -> Path:
+    """A fresh offline cache per test; no converted models, no $PIXTRAL_CPP_MODEL."""
+    hub = build_hub_cache(tmp_path / "hf-cache", tiny)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("PIXTRAL_CPP_MODELS", str(tmp_path / "models"))
+    monkeypatch.delenv("PIXTRAL_CPP_MODEL", raising=False)
+    monkeypatch.delenv("PIXTRAL_CPP_YES", raising=False)
+    return hub
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def snapshot(repo_id: str, cache: Path) -> Path:
+    return repo_dir(cache, repo_id) / "snapshots" / COMMITS[repo_id]
+
+
+def test_spec_parsing():
+    assert parse_hub_spec("ggml-org/pixtral-12b-GGUF") == parse_hub_spec(GGML)
+    assert parse_hub_spec(GGML).revision is None and parse_hub_spec(GGML + "@") is None
+    spec = parse_hub_spec("user/repo@v1.0:q8_0")
+    assert spec is not None and (spec.repo_id, spec.revision, spec.quant) == ("user/repo", "v1.0", "q8_0")
+    assert str(spec) == "user/repo@v1.0:q8_0"
+    for not_a_spec in ("repo", "a/b/c", "./x/y", "user/model.gguf", "user/repo:Q4 K"):
+        assert parse_hub_spec(not_a_spec) is None, not_a_spec
+
+
+def test_pull_from_the_cache_takes_q4_k_m_and_checks_the_pair(cache):
+    result = run("pull", GGML)
+    assert result.exit_code == 0, result.output
+    text, mmproj = snapshot(GGML, cache) / "pixtral-12b-Q4_K_M.gguf", snapshot(GGML, cache) / \
+        "mmproj-pixtral-12b-f16.gguf"
+    assert f"text model  {text}  (F16" in result.output and f"mmproj      {mmproj}  (F16" in result.output
+    assert "from the local cache: already in the cache" in result.output
+    assert "took pixtral-12b-Q4_K_M.gguf (the default Q4_K_M); also offered: Q8_0, F16" in result.output
+    assert f"ready: pixtral-cpp describe IMAGE --model {GGML}" in result.output
+
+
+def test_several_quants_by_tag_in_any_case(cache):
+    pulled = pull(f"{BARTOWSKI}:q8_0")
+    assert pulled.files.text.name == f"{BARTOWSKI_PREFIX}-Q8_0.gguf" and pulled.info.text.file_type == "Q8_0"
+    assert pulled.files.mmproj.name == f"mmproj-{BARTOWSKI_PREFIX}-f16.gguf"
+    assert pull(f"{BARTOWSKI}:Q5_K_M").files.text.name == f"{BARTOWSKI_PREFIX}-Q5_K_M.gguf"
+    # the default skips the importance matrix that sorts first
+    assert pull(BARTOWSKI).files.text.name == f"{BARTOWSKI_PREFIX}-Q4_K_M.gguf"
+    result = run("pull", f"{BARTOWSKI}:IQ2_XS")
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: no IQ2_XS text model in {BARTOWSKI} (local cache); it holds ")
+    assert f"{BARTOWSKI_PREFIX}-Q5_K_M.gguf" in result.output
+
+
+def test_a_revision_other_than_main(cache, tiny):
+    add_repo(cache, "user/pixtral-GGUF", {"p-Q8_0.gguf": tiny.text_q8, "mmproj-p-F16.gguf": tiny.mmproj},
+             commit="3" * 40, revision="v2")
+    assert pull("user/pixtral-GGUF@v2").files.text.name == "p-Q8_0.gguf"
+    assert pull(f"user/pixtral-GGUF@{'3' * 40}:Q8_0").files.text.name == "p-Q8_0.gguf"
+    with pytest.raises(ModelError, match=r"user/pixtral-GGUF@main is not in the local Hugging Face cache"):
+        pull("user/pixtral-GGUF")
+
+
+def test_a_repo_without_mmproj(cache, tiny):
+    add_repo(cache, "someone/pixtral-text-only-GGUF", {"p-Q4_K_M.gguf": tiny.text})
+    result = run("pull", "someone/pixtral-text-only-GGUF")
+    assert result.exit_code == 1
+    assert "no mmproj (mmproj-*.gguf) beside p-Q4_K_M.gguf in someone/pixtral-text-only-GGUF" in result.output
+
+
+@pytest.fixture(scope="module")
+def wrong_mmproj(tmp_path_factory) -> Path:
+    return other_width_mmproj(tmp_path_factory.mktemp("other-width"))
+
+
+def test_a_pair_that_does_not_match_is_not_ready(cache, tiny, wrong_mmproj):
+    add_repo(cache, "someone/pixtral-mixed-GGUF", {"p-Q4_K_M.gguf": tiny.text, "mmproj-p-f16.gguf": wrong_mmproj})
+    result = run("pull", "someone/pixtral-mixed-GGUF")
+    assert result.exit_code == 1 and "ready" not in result.output
+    assert "mmproj-p-f16.gguf produces embeddings of width 512 but p-Q4_K_M.gguf expects 256" in result.output
+
+
+def test_an_interrupted_download_is_not_taken_for_a_file(cache):
+    left = interrupt_download(cache, GGML, "pixtral-12b-Q8_0.gguf", b"GGUF" + b"\0" * 100)
+    listing = list_cached_repo(GGML, "main", cache)
+    assert listing is not None and "pixtral-12b-Q8_0.gguf" not in listing.names and listing.interrupted == (left,)
+    result = run("pull", f"{GGML}:Q8_0")
+    assert result.exit_code == 1
+    assert "no Q8_0 text model in ggml-org/pixtral-12b-GGUF (local cache)" in result.output
+    assert "1 interrupted download(s)" in result.output and "are not used" in result.output
+    assert left.read_bytes() == b"GGUF" + b"\0" * 100  # left alone, for huggingface_hub to replace
+    assert run("pull", GGML).exit_code == 0  # the complete files still serve
+
+
+def test_a_link_whose_blob_is_gone_is_not_a_file(cache):
+    link = snapshot(GGML, cache) / "pixtral-12b-Q8_0.gguf"
+    link.resolve().unlink()
+    assert link.is_symlink() and not link.exists()
+    listing = list_cached_repo(GGML, "main", cache)
+    assert listing is not None and "pixtral-12b-Q8_0.gguf" not in listing.names
+
+
+def test_a_truncated_file_in_the_cache_is_refused(cache, tiny):
+    head = tiny.text.read_bytes()[: tiny.text.stat().st_size // 2]
+    add_repo(cache, "someone/pixtral-cut-GGUF", {"p-Q4_K_M.gguf": head, "mmproj-p-f16.gguf": tiny.mmproj})
+    with pytest.raises(ModelError, match="truncated"):
+        pull("someone/pixtral-cut-GGUF")
+
+
+def test_no_disk_space_is_refused_before_downloading(cache):
+    """Sizes as the hub's metadata states them; the free space is what the disk really has."""
+    free = shutil.disk_usage(cache).free
+    files = (RepoFile("m-Q4_K_M.gguf", free), RepoFile("mmproj-m-f16.gguf", 1_000_000))
+    listing = RepoListing("user/big-GGUF", "main", "4" * 40, files, from_cache=False)
+    plan = HubPlan(parse_hub_spec("user/big-GGUF"), listing, files[:1], files[1])
+    with pytest.raises(OutputError, match=r"pulling user/big-GGUF needs .* but .* has .* free; free some space"):
+        check_disk_space(plan, cache)
+    # what the cache already holds at that commit does not count
+    add_repo(cache, "user/big-GGUF", {"m-Q4_K_M.gguf": b"x" * 10}, commit="4" * 40)
+    assert check_disk_space(plan, cache) == 1_000_000
+
+
+def converted_models_folder(tiny: TinyFiles, folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    os.link(tiny.text, folder / "Pixtral-tiny-F16.gguf")
+    os.link(tiny.mmproj, folder / "mmproj-Pixtral-tiny-F16.gguf")
+    return folder
+
+
+def test_models_lists_converted_and_cached_pairs(cache, tiny, wrong_mmproj, tmp_path):
+    converted_models_folder(tiny, tmp_path / "models")
+    add_repo(cache, "someone/pixtral-mixed-GGUF", {"p-Q4_K_M.gguf": tiny.text, "mmproj-p-f16.gguf": wrong_mmproj})
+    add_repo(cache, "mistralai/Pixtral-12B-2409", {"params.json": b"{}"})  # a checkpoint: not listed
+    result = run("models")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split() == ["NAME", "QUANTIZATIONS", "SIZE", "RUNS", "WHERE"]
+    rows = {cells[0]: cells for line in lines[1:] if len(cells := re.split(r"\s{2,}", line)) == 5}
+    assert rows["Pixtral-tiny"][1:2] == ["F16"] and rows["Pixtral-tiny"][3] == "ok"
+    assert rows[GGML][1] == "Q4_K_M,Q8_0,F16" and rows[GGML][3] == "ok" and rows[GGML][4] == str(repo_dir(cache, GGML))
+    assert rows[BARTOWSKI][1] == "Q4_K_M,Q5_K_M,Q8_0,F32" and rows[BARTOWSKI][3] == "ok"
+    assert rows["someone/pixtral-mixed-GGUF"][3] == "no"
+    assert "someone/pixtral-mixed-GGUF: mmproj-p-f16.gguf produces embeddings of width 512" in result.output
+    assert "mistralai/Pixtral-12B-2409" not in result.output
+
+
+def test_models_rm_asks_then_removes(cache, tiny, tmp_path):
+    models = converted_models_folder(tiny, tmp_path / "models")
+    result = run("models", "rm", GGML)
+    assert result.exit_code == 1 and "needs confirmation: add --yes" in result.output
+    assert repo_dir(cache, GGML).is_dir()
+    result = run("models", "rm", GGML, "--yes")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"removed {GGML}: ") and not repo_dir(cache, GGML).exists()
+    assert run("models", "rm", "pixtral-tiny", "--yes").exit_code == 0
+    assert list(models.iterdir()) == []
+    result = run("models", "rm", "nothing-here", "--yes")
+    assert result.exit_code == 1 and "no local model named 'nothing-here'" in result.output
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("img") / "photo.png"
+    PILImage.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def test_describe_with_a_hub_repo_and_quant_from_the_cache(cache, photo):
+    result = CliRunner().invoke(main, ["describe", photo, "--model", f"{GGML}:Q8_0", "--max-tokens", "4",
+                                       "--temperature", "0", "--ctx", "2048"])
+    assert result.exit_code == 0, result.output
+    assert len(result.output.strip()) > 0
+
+
+def test_first_run_without_a_terminal_says_the_command(cache, photo):
+    shutil.rmtree(repo_dir(cache, GGML))
+    result = run("describe", photo)
+    assert result.exit_code == 1
+    assert "no model found" in result.output and "run `pixtral-cpp pull ggml-org/pixtral-12b-GGUF:Q4_K_M`" in \
+        result.output
+
+
+def test_without_model_a_pulled_default_is_found(cache, photo):
+    from pixtral_cpp.model_sources import resolve_model
+
+    resolved = resolve_model()
+    assert resolved.files.text == snapshot(GGML, cache) / "pixtral-12b-Q4_K_M.gguf"
+    assert "the default model ggml-org/pixtral-12b-GGUF:Q4_K_M" in resolved.origin
