@@ -159,21 +159,24 @@ MMPROJ_RULES = (
 
 def text_problems(header: GGUFHeader) -> list[str]:
     """Every reason llama.cpp would refuse or abort on this text GGUF, one line each."""
-    problems = list(_rule_problems(header, TEXT_RULES))
-    if not problems:
-        problems += _text_hparam_problems(header)
-    if not problems:
-        problems += _shape_problems(header, _text_shapes(header))
-    return problems
+    return _staged_problems(header, TEXT_RULES, _text_hparam_problems, _text_shapes)
 
 
 def mmproj_problems(header: GGUFHeader) -> list[str]:
     """Every reason libmtmd would refuse or abort on this mmproj, one line each."""
-    problems = list(_rule_problems(header, MMPROJ_RULES))
+    return _staged_problems(header, MMPROJ_RULES, _vision_hparam_problems, _vision_shapes)
+
+
+def _staged_problems(header: GGUFHeader, rules: tuple[Rule, ...],
+                     hparam_problems: Callable[[GGUFHeader], list[str]],
+                     shapes: Callable[[GGUFHeader], dict[str, tuple[tuple[int, ...], bool]]]) -> list[str]:
+    """Keys first, then the hyper-parameters they give, then tensor shapes: each stage reads only what the
+    one before it has found sound."""
+    problems = list(_rule_problems(header, rules))
     if not problems:
-        problems += _vision_hparam_problems(header)
+        problems += hparam_problems(header)
     if not problems:
-        problems += _shape_problems(header, _vision_shapes(header))
+        problems += _shape_problems(header, shapes(header))
     return problems
 
 

@@ -285,23 +285,6 @@ TEKKEN_EDITS = {
 }
 
 
-@pytest.mark.parametrize("case", list(TEKKEN_EDITS))
-def test_corrupt_tekken_json(tiny_native, tmp_path, case):
-    (*parents, leaf), value, expected = TEKKEN_EDITS[case]
-    folder = linked_copy(tiny_native, tmp_path / "src", ("tekken.json",))
-    data = json.loads((folder / "tekken.json").read_text())
-    node = data
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
-    (folder / "tekken.json").write_text(json.dumps(data))
-    with pytest.raises(TokenizerError, match=expected) as caught:
-        convert(folder, tmp_path / "out")
-    assert "tekken.json" in str(caught.value)
-    assert_one_line(str(caught.value))
-    assert_nothing_written(tmp_path / "out")
-
-
 TOKENIZER_JSON_EDITS = {
     "vocab a list": (("model", "vocab"), ["a"], "model.vocab' must be dict"),
     "id a bool": (("model", "vocab", "!"), True, "must be a unique integer id, got True"),
@@ -314,19 +297,24 @@ TOKENIZER_JSON_EDITS = {
 }
 
 
-@pytest.mark.parametrize("case", list(TOKENIZER_JSON_EDITS))
-def test_corrupt_tokenizer_json(tiny_hf, tmp_path, case):
-    (*parents, leaf), value, expected = TOKENIZER_JSON_EDITS[case]
-    folder = linked_copy(tiny_hf, tmp_path / "src", ("tokenizer.json",))
-    data = json.loads((folder / "tokenizer.json").read_text())
+TOKENIZER_FILE_EDITS = [("tiny_native", "tekken.json", name, edit) for name, edit in TEKKEN_EDITS.items()] + [
+    ("tiny_hf", "tokenizer.json", name, edit) for name, edit in TOKENIZER_JSON_EDITS.items()]
+
+
+@pytest.mark.parametrize(("checkpoint", "file", "case", "edit"), TOKENIZER_FILE_EDITS,
+                         ids=[f"{file}: {case}" for _, file, case, _ in TOKENIZER_FILE_EDITS])
+def test_corrupt_tokenizer_file(request, tmp_path, checkpoint, file, case, edit):
+    (*parents, leaf), value, expected = edit
+    folder = linked_copy(request.getfixturevalue(checkpoint), tmp_path / "src", (file,))
+    data = json.loads((folder / file).read_text())
     node = data
     for part in parents:
         node = node[part]
     node[leaf] = value
-    (folder / "tokenizer.json").write_text(json.dumps(data))
+    (folder / file).write_text(json.dumps(data))
     with pytest.raises(TokenizerError, match=expected) as caught:
         convert(folder, tmp_path / "out")
-    assert "tokenizer.json" in str(caught.value)
+    assert file in str(caught.value)
     assert_one_line(str(caught.value))
     assert_nothing_written(tmp_path / "out")
 
