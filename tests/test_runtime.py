@@ -48,7 +48,7 @@ def test_follow_up_question_reuses_the_image_and_the_prefix(pixtral):
 def test_follow_up_reuses_the_answer_tokens_as_generated(pixtral):
     """Random weights produce answers that do not survive detokenize -> tokenize; the follow-up must still
     evaluate only the new turn, not the answer again."""
-    image = picture(320, 240, seed=5)
+    image = picture(320, 240, seed=6)  # seed 5's answer re-tokenizes exactly under tekken's rule (tekken_tokenizer)
     first = pixtral.describe(image, "What is this?", max_tokens=16, temperature=0)
     assert first.stats.finish_reason == "length" and first.text == first.text.rstrip(" ")
     remembered = pixtral._answerer.memo.answers[first.text]
