@@ -10,13 +10,19 @@ llama-cpp-python's `MTMDChatHandler` renders it and libmtmd tokenizes the result
 * consecutive messages of one role are merged and adjacent text parts joined with a blank line, as
   mistral-common's request normalizer does; a system message also ends such a run;
 * all system messages, joined by a blank line, are prepended with "\\n\\n" to the LAST user message;
-* an image is `<__media__>` where it appears (the handler has already turned `image_url` parts into text
-  parts holding that marker); mtmd puts the image and `[IMG_END]` there;
+* an image is a media marker where it appears; mtmd puts the image and `[IMG_END]` there. MTMDChatHandler
+  turns `image_url` parts into text parts holding mtmd's `<__media__>`; llama-server hands over a message
+  holding images as one string with its own `<__media_` + 32 letters or digits + `__>` markers in it. Both
+  shapes are read as images inside any text, and emitted unchanged;
 * a user turn that is exactly [text, image] after merging has its image moved first, as mistral-common
   does (`InstructTokenizerV3._maybe_put_image_first`); images never change order relative to each other,
   so the handler's bitmaps still line up with the markers;
 * if the conversation does not start with a user turn, an empty one is inserted (mistral-common too);
 * assistant text loses trailing spaces (mistral-common rstrips " ").
+
+llama.cpp's non-Jinja route never runs this template: it looks for marker strings in its source and takes
+it for its built-in mistral-v3-tekken format (docs/other-tools.md), because the source holds `[AVAILABLE_TOOLS]`
+and the literal `"[INST]"`, and no ` [INST]` or `[SYSTEM_PROMPT]` (which would pick mistral-v1 or v7).
 
 Known difference: mistral-common tokenizes the system prompt's "\\n\\n" separately from a user turn's first
 text part when the turn holds images; llama.cpp tokenizes them together. The two agree unless that text
