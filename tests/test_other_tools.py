@@ -35,8 +35,8 @@ def test_general_type_says_model_and_mmproj(q8_pair: tuple[Path, Path]) -> None:
 
 
 def test_folder_layout_is_the_one_other_tools_pair(q8_pair: tuple[Path, Path]) -> None:
-    """One folder, mmproj beside the model: llama.cpp's -hf rule, LM Studio (publisher/model/ folder) and
-    `pixtral-cpp --model FOLDER:QUANT` pair a model with the file of that folder named *mmproj*."""
+    """One folder, mmproj beside the model: llama.cpp's -hf rule, LM Studio's publisher/model/ folders and
+    pixtral-cpp's own --mmproj default pair a model with the file of that folder named *mmproj*."""
     text, mmproj = q8_pair
     assert text.parent == mmproj.parent
     assert "mmproj" in mmproj.name.lower() and "mmproj" not in text.name.lower()
