@@ -28,7 +28,7 @@ class ModelInfo:
 
 
 def _add_general(writer: gguf.GGUFWriter, info: ModelInfo, file_type: int, kind: str) -> None:
-    writer.add_type(kind)
+    writer.add_type(kind)  # "model" / "mmproj", as llama.cpp's converter writes: Ollama files the mmproj by it
     writer.add_name(info.name)
     if info.license:
         writer.add_license(info.license)
