@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pixtral_cpp.convert import ConvertOptions, convert_checkpoint
 from pixtral_cpp.gguf_file import GGUFHeader, read_gguf_header
+from pixtral_cpp.model_files import ModelFiles
 from pixtral_cpp.synthetic import write_synthetic_checkpoint
 
 SEED = 1234
@@ -97,13 +98,45 @@ def main() -> None:
     ours = {}
     for name, source in (("hf", hf), ("native", native)):
         result = convert_checkpoint(ConvertOptions(source=source, output_dir=work / f"ours-{name}", quant="F32",
-                                                   mmproj_quant="F32"))
+                                                   mmproj_quant="F32", force=True))
         ours[name] = (read_gguf_header(result.text_path), read_gguf_header(result.mmproj_path))
     for name in ("hf", "native"):
         text, mmproj = files[f"{name}-text"], files[f"{name}-mmproj"]
         compare(f"{name} text", ours[name][0], read_gguf_header(text) if text else None)
         compare(f"{name} mmproj", ours[name][1], read_gguf_header(mmproj) if mmproj else None)
     print("\nfiles:", json.dumps({k: str(v) for k, v in files.items()}, indent=1))
+    if files["hf-text"] and files["hf-mmproj"]:
+        run_both(ModelFiles(files["hf-text"], files["hf-mmproj"]), ours["hf"], work)
+
+
+def run_both(theirs: ModelFiles, ours: tuple[GGUFHeader, GGUFHeader], work: Path) -> None:
+    """libmtmd on llama.cpp's mmproj as is, then pixtral-cpp on both pairs: the image prompt's logits."""
+    import numpy as np
+
+    from pixtral_cpp.backend import TextModel, TextModelOptions
+    from pixtral_cpp.backend._native import bindings, last_native_error
+    from pixtral_cpp.conversation import Image, Message, Text
+    from pixtral_cpp.model import PixtralModel
+    from pixtral_cpp.options import ModelOptions
+
+    with TextModel(theirs.text, TextModelOptions(n_ctx=512)) as text:  # libmtmd itself, no Python check first
+        _, mtmd = bindings()
+        ctx = mtmd.mtmd_init_from_file(bytes(theirs.mmproj), text._handles()[0], mtmd.mtmd_context_params_default())
+        print(f"\nlibmtmd on llama.cpp's mmproj as is: {'loads' if ctx else 'refuses: ' + last_native_error()}")
+        if ctx:
+            mtmd.mtmd_free(ctx)
+    os.environ.setdefault("PIXTRAL_CPP_CACHE", str(work / "cache"))
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (70, 100, 3), dtype=np.uint8)
+    messages = [Message("user", (Image(image), Text("What is in this picture?")))]
+    options = ModelOptions(n_ctx=4096, kv_cache_type="f32", flash_attn="off")
+    logits = []
+    for text_path, mmproj_path in ((ours[0].path, ours[1].path), (theirs.text, theirs.mmproj)):
+        with PixtralModel.load(text_path, mmproj_path, options) as model:
+            logits.append(model.prompt_logits(messages))
+            print(f"{text_path.name}: {model.info.quirks.verdict[:70]}...")
+    print(f"image prompt logits, llama.cpp's pair (corrected at load) vs pixtral-cpp's: max |diff| = "
+          f"{float(np.abs(logits[0] - logits[1]).max()):.3g}, same argmax: {logits[0].argmax() == logits[1].argmax()}")
 
 
 if __name__ == "__main__":
