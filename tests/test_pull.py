@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,7 @@ from pixtral_cpp.hub_models import (
     parse_hub_spec,
     pull,
 )
+from tests.fake_hub import FakeHub, FakeRepo, serve_hub
 from tests.hub_cache import (
     BARTOWSKI,
     BARTOWSKI_PREFIX,
@@ -232,3 +236,95 @@ def test_without_model_a_pulled_default_is_found(cache, photo):
     resolved = resolve_model()
     assert resolved.files.text == snapshot(GGML, cache) / "pixtral-12b-Q4_K_M.gguf"
     assert "the default model ggml-org/pixtral-12b-GGUF:Q4_K_M" in resolved.origin
+
+
+# -- the online path, against a hub on localhost (tests/fake_hub.py) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ggml_bytes(tiny) -> dict[str, bytes]:
+    return {"pixtral-12b-Q4_K_M.gguf": tiny.text.read_bytes(), "mmproj-pixtral-12b-f16.gguf": tiny.mmproj.read_bytes()}
+
+
+def run_online(hub: FakeHub, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The installed entry point in a fresh process (huggingface_hub reads HF_ENDPOINT at import)."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("HF_HUB_OFFLINE", "PIXTRAL_CPP_MODEL", "PIXTRAL_CPP_YES")}
+    env.update(HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "online-cache"),
+               PIXTRAL_CPP_MODELS=str(tmp_path / "no-models"), HF_HUB_DISABLE_TELEMETRY="1")
+    return subprocess.run([str(Path(sys.executable).with_name("pixtral-cpp")), *args], capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+def test_online_pull_downloads_with_progress_and_records_the_revision(ggml_bytes, tmp_path):
+    with serve_hub(FakeHub({GGML: FakeRepo(ggml_bytes)})) as hub:
+        proc = run_online(hub, tmp_path, "pull", GGML)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{GGML} at {'5' * 40}: downloaded 149.6 MB" in proc.stdout
+    # not a terminal: one line per file, with the speed
+    assert re.search(r"^pixtral-12b-Q4_K_M\.gguf: 145\.0 MB in [\d.]+ s \([\d.]+ [KMG]?B/s\)$", proc.stderr, re.M)
+    cache = tmp_path / "online-cache"
+    assert (repo_dir(cache, GGML) / "refs" / "main").read_text() == "5" * 40
+    link = repo_dir(cache, GGML) / "snapshots" / ("5" * 40) / "pixtral-12b-Q4_K_M.gguf"
+    assert link.read_bytes() == ggml_bytes["pixtral-12b-Q4_K_M.gguf"]
+    assert not list((repo_dir(cache, GGML) / "blobs").glob("*.incomplete"))
+
+
+def test_an_interrupted_transfer_is_resumed_and_never_left_looking_finished(ggml_bytes, tmp_path):
+    # cut after 25 MB: huggingface_hub reads 10 MB chunks, so it asks for the rest from byte 20971520
+    with serve_hub(FakeHub({GGML: FakeRepo(ggml_bytes)}, cut_after=25_000_000)) as hub:
+        proc = run_online(hub, tmp_path, "pull", GGML)
+    assert proc.returncode == 0, proc.stderr
+    assert f"GET /{GGML}/resolve/main/pixtral-12b-Q4_K_M.gguf bytes=20971520-" in hub.requests, "\n".join(hub.requests)
+    blobs = repo_dir(tmp_path / "online-cache", GGML) / "blobs"
+    assert sorted(p.read_bytes() for p in blobs.iterdir()) == sorted(ggml_bytes.values())
+
+
+def test_online_no_disk_space_is_refused_before_any_download(ggml_bytes, tmp_path):
+    huge = {"pixtral-12b-Q4_K_M.gguf": 10**15}  # a petabyte, as the hub's metadata states it
+    with serve_hub(FakeHub({GGML: FakeRepo(ggml_bytes, claimed_sizes=huge)})) as hub:
+        proc = run_online(hub, tmp_path, "pull", GGML)
+    assert proc.returncode == 1
+    assert f"Error: pulling {GGML} needs 1000.0 TB" in proc.stderr and "free some space" in proc.stderr
+    assert not any("/resolve/" in r for r in hub.requests)
+
+
+def test_first_run_with_yes_pulls_the_default_then_answers(ggml_bytes, tmp_path, photo):
+    with serve_hub(FakeHub({GGML: FakeRepo(ggml_bytes)})) as hub:
+        proc = run_online(hub, tmp_path, "describe", photo, "--yes", "--max-tokens", "3", "--temperature", "0",
+                          "--ctx", "2048")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() and "pixtral-12b-Q4_K_M.gguf: 145.0 MB in" in proc.stderr
+    assert (repo_dir(tmp_path / "online-cache", GGML) / "refs" / "main").is_file()
+
+
+def test_a_killed_pull_leaves_no_file_that_looks_finished(ggml_bytes, tmp_path):
+    cache = tmp_path / "online-cache"
+    blobs = repo_dir(cache, GGML) / "blobs"
+    with serve_hub(FakeHub({GGML: FakeRepo(ggml_bytes)}, stall_after=25_000_000)) as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(cache), "HF_HUB_DISABLE_TELEMETRY": "1"}
+        env.pop("HF_HUB_OFFLINE", None)
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("pixtral-cpp")), "pull", GGML], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not any(p.stat().st_size >= 20_971_520 for p in blobs.glob("*.incomplete")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the download never got going"
+            time.sleep(0.1)
+        proc.kill()  # SIGKILL: no cleanup runs
+        proc.wait()
+        hub.release.set()
+    partial = list(blobs.glob("*.incomplete"))
+    assert len(partial) == 1 and partial[0].stat().st_size < len(ggml_bytes["pixtral-12b-Q4_K_M.gguf"])
+    assert not (repo_dir(cache, GGML) / "snapshots").exists() or not list((repo_dir(cache, GGML) /
+                                                                           "snapshots").rglob("*.gguf"))
+    # hub unreachable (nothing listens on port 9): the cache's listing, where the half file is no model
+    offline = run_online(FakeHub({}, url="http://127.0.0.1:9"), tmp_path, "pull", GGML)
+    assert offline.returncode == 1
+    assert "no text model (*.gguf) in ggml-org/pixtral-12b-GGUF (local cache); it holds no .gguf file (1 " \
+           "interrupted download(s) in" in offline.stderr
+    # online again: downloaded anew, complete
+    with serve_hub(FakeHub({GGML: FakeRepo(ggml_bytes)})) as hub:
+        again = run_online(hub, tmp_path, "pull", GGML)
+    assert again.returncode == 0, again.stderr
+    text = repo_dir(cache, GGML) / "snapshots" / ("5" * 40) / "pixtral-12b-Q4_K_M.gguf"
+    assert text.read_bytes() == ggml_bytes["pixtral-12b-Q4_K_M.gguf"]
