@@ -328,3 +328,41 @@ def test_a_killed_pull_leaves_no_file_that_looks_finished(ggml_bytes, tmp_path):
     assert again.returncode == 0, again.stderr
     text = repo_dir(cache, GGML) / "snapshots" / ("5" * 40) / "pixtral-12b-Q4_K_M.gguf"
     assert text.read_bytes() == ggml_bytes["pixtral-12b-Q4_K_M.gguf"]
+
+
+def test_first_run_on_a_terminal_states_the_size_and_asks(ggml_bytes, tmp_path, photo):
+    import pty
+
+    with serve_hub(FakeHub({GGML: FakeRepo(ggml_bytes)})) as hub:
+        env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "PIXTRAL_CPP_MODEL")}
+        env.update(HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "online-cache"),
+                   PIXTRAL_CPP_MODELS=str(tmp_path / "no-models"), HF_HUB_DISABLE_TELEMETRY="1")
+        leader, follower = pty.openpty()
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("pixtral-cpp")), "describe", photo],
+                                stdin=follower, stdout=follower, stderr=follower, env=env)
+        os.close(follower)
+        seen = b""
+        while b"Download it now?" not in seen:
+            chunk = os.read(leader, 4096)
+            assert chunk, seen
+            seen += chunk
+        os.write(leader, b"n\n")
+        while proc.poll() is None or chunk:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the other side closed
+                break
+            seen += chunk
+        proc.wait(60)
+        os.close(leader)
+    text = seen.decode()
+    assert f"No model found. {GGML}:Q4_K_M (149.6 MB) can be downloaded into the Hugging Face cache" in text
+    assert proc.returncode == 1 and "run `pixtral-cpp pull ggml-org/pixtral-12b-GGUF:Q4_K_M`" in text
+    assert not (tmp_path / "online-cache" / "models--ggml-org--pixtral-12b-GGUF" / "snapshots").exists()
+
+
+def test_pull_and_models_help_load_no_model_code():
+    from tests.test_cli_startup import HEAVY, loaded, modules_loaded_by
+
+    for command in ("pull", "models"):
+        assert loaded(modules_loaded_by(command, "--help"), (*HEAVY, "huggingface_hub", "gguf")) == []
