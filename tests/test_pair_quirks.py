@@ -96,6 +96,17 @@ def test_the_missing_img_break_is_the_text_models_row_12(converted):
     np.testing.assert_array_equal(img_break_vector(header), row)
 
 
+def test_the_row_is_dequantized_from_any_text_type(converted):
+    import gguf
+
+    text, _ = converted("Q4_K_M", "F16")
+    header = read_gguf_header(text)
+    embd = header.tensors["token_embd.weight"]
+    assert embd.type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+    whole = gguf.quants.dequantize(np.asarray(header.tensor_data(embd.name)).reshape(embd.ne[1], -1), embd.type)
+    np.testing.assert_array_equal(img_break_vector(header), whole[12])
+
+
 def test_without_img_break_the_image_logits_equal_the_pair_with_it(tiny_gguf_pair, quirky, private_cache):
     image = photo_like(100, 70, seed=3)
     with_it = image_logits(tiny_gguf_pair[0], tiny_gguf_pair[1], image)

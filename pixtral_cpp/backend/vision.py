@@ -188,7 +188,7 @@ def _read_mmproj(path: Path, n_embd: int) -> _MmprojInfo:
         raise ModelError(f"{path}: {gguf.Keys.ClipVision.PATCH_SIZE} is {patch_size!r}, not a positive integer")
     tensor = header.tensors.get(IMG_BREAK_TENSOR)
     if tensor is None:
-        raise ModelError(f"{path} lacks the tensor {IMG_BREAK_TENSOR}; reconvert it with pixtral-cpp")
+        raise ModelError(f"{path} lacks the tensor {IMG_BREAK_TENSOR}; `pixtral-cpp fix` adds it from the text model")
     raw = header.tensor_data(IMG_BREAK_TENSOR)
     vector = gguf.quants.dequantize(raw, tensor.type).astype(np.float32).reshape(-1)
     if vector.shape != (n_embd,) or not np.isfinite(vector).all():
