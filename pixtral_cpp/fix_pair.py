@@ -13,6 +13,7 @@ which libmtmd requires): `runnable_mmproj` keeps a corrected mmproj in the user'
 from __future__ import annotations
 
 import hashlib
+import logging
 import mmap
 import os
 import time
@@ -44,6 +45,7 @@ from pixtral_cpp.pair_quirks import FIXED_BY_KEY, IMG_BREAK_ID, TOKEN_EMBD, img_
 
 CHUNK_BYTES = 64 * 1024 * 1024  # copied per write: memory stays flat whatever the tensor size
 CACHE_ENV = "PIXTRAL_CPP_CACHE"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -241,10 +243,12 @@ def runnable_mmproj(files: ModelFiles, info: PairInfo, progress: Progress | None
     except OutputError as exc:
         raise ModelError(f"{files.mmproj.name} lacks {IMG_BREAK_TENSOR} and pixtral-cpp cannot write its corrected "
                          f"copy: {exc}; set ${CACHE_ENV} to a folder with room or run `pixtral-cpp fix`") from None
-    partial = partial_path(target)
+    partial = partial_path(target, f".{os.getpid()}")  # two processes may correct the same file at once
     with temporary_files(partial):
         rewrite_gguf(mmproj, partial, edits, progress or NullProgress(), f"mmproj {files.mmproj.name} + [IMG_BREAK]")
         publish_together((partial, target))
+    log.info("%s lacks %s: wrote a corrected copy with the text model's vector to %s (once; `pixtral-cpp fix` "
+             "writes a pair for other tools)", files.mmproj.name, IMG_BREAK_TENSOR, target)
     return target
 
 
