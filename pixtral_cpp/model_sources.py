@@ -11,12 +11,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pixtral_cpp.defaults import DEFAULT_HUB_MODEL
 from pixtral_cpp.errors import ModelError
 from pixtral_cpp.model_files import MODEL_ENV, ModelFiles
 from pixtral_cpp.model_select import Choice, choose_mmproj_file, choose_text_file, is_gguf, is_text_model
 from pixtral_cpp.paths import default_models_dir
+
+if TYPE_CHECKING:
+    from pixtral_cpp.hub_models import ByteProgress, HubPlan
 
 HOW_TO_GET_ONE = (f"pull one with `pixtral-cpp pull {DEFAULT_HUB_MODEL}`, convert a checkpoint with "
                   "`pixtral-cpp convert mistralai/Pixtral-12B-2409`, or pass --model PATH or --model user/repo")
@@ -32,8 +36,8 @@ class ResolvedModel:
 
 
 def resolve_model(model: Path | str | None = None, mmproj: Path | str | None = None,
-                  mmproj_quant: str | None = None, *, progress: object | None = None) -> ResolvedModel:
-    """The pair `model` names (see the module docstring); `progress` (a hub_models.ByteProgress) sees downloads."""
+                  mmproj_quant: str | None = None, *, progress: ByteProgress | None = None) -> ResolvedModel:
+    """The pair `model` names (see the module docstring); `progress` sees the downloads of a hub repo."""
     named = str(model) if model else os.environ.get(MODEL_ENV)
     if not named:
         return _default_model(mmproj, mmproj_quant)
@@ -81,11 +85,11 @@ def _gguf_names(folder: Path) -> list[str]:
         raise ModelError(f"cannot read the folder {folder}: {exc.strerror or exc}") from None
 
 
-def _from_hub(spec: str, mmproj: Path | str | None, mmproj_quant: str | None, progress: object | None,
+def _from_hub(spec: str, mmproj: Path | str | None, mmproj_quant: str | None, progress: ByteProgress | None,
               origin: str) -> ResolvedModel:
     from pixtral_cpp.hub_models import pull
 
-    pulled = pull(spec, mmproj_quant=mmproj_quant, progress=progress)  # type: ignore[arg-type]
+    pulled = pull(spec, mmproj_quant=mmproj_quant, progress=progress)
     files = pulled.files if mmproj is None else ModelFiles(pulled.files.text, _explicit_mmproj(mmproj))
     return ResolvedModel(files, f"{origin} {spec}", pulled.notes)
 
@@ -115,7 +119,7 @@ def _holds_text_model(folder: Path) -> bool:
     return folder.is_dir() and any(is_text_model(n) for n in _gguf_names(folder))
 
 
-def _default_hub_plan(mmproj_quant: str | None) -> object | None:
+def _default_hub_plan(mmproj_quant: str | None) -> HubPlan | None:
     """The default hub model's files if the local cache holds all of them (no network), else None."""
     from pixtral_cpp.hub_models import hub_cache_dir, list_cached_repo, parse_hub_spec, plan_pull
 

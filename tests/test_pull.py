@@ -25,6 +25,7 @@ from pixtral_cpp.hub_models import (
     check_disk_space,
     list_cached_repo,
     parse_hub_spec,
+    plan_pull,
     pull,
 )
 from tests.fake_hub import FakeHub, FakeRepo, serve_hub
@@ -100,6 +101,16 @@ def test_several_quants_by_tag_in_any_case(cache):
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: no IQ2_XS text model in {BARTOWSKI} (local cache); it holds ")
     assert f"{BARTOWSKI_PREFIX}-Q5_K_M.gguf" in result.output
+
+
+def test_a_split_model_brings_every_shard_and_its_mmproj(cache):
+    listing = list_cached_repo(BARTOWSKI, "main", cache)
+    assert listing is not None
+    plan = plan_pull(parse_hub_spec(f"{BARTOWSKI}:f32"), listing)
+    assert [f.name for f in plan.text] == [f"{BARTOWSKI_PREFIX}-f32-00001-of-00002.gguf",
+                                           f"{BARTOWSKI_PREFIX}-f32-00002-of-00002.gguf"]
+    assert plan.mmproj.name == f"mmproj-{BARTOWSKI_PREFIX}-f16.gguf"
+    assert plan.size_bytes == sum(listing.file(f.name).size for f in plan.files)
 
 
 def test_a_revision_other_than_main(cache, tiny):
