@@ -377,3 +377,23 @@ def test_pull_and_models_help_load_no_model_code():
 
     for command in ("pull", "models"):
         assert loaded(modules_loaded_by(command, "--help"), (*HEAVY, "huggingface_hub", "gguf")) == []
+
+
+def test_the_library_takes_a_hub_spec_too(cache):
+    from pixtral_cpp.model_files import find_model_files
+
+    files = find_model_files(f"{GGML}:Q8_0", mmproj_quant="f16")
+    assert files.text == snapshot(GGML, cache) / "pixtral-12b-Q8_0.gguf"
+    assert files.mmproj == snapshot(GGML, cache) / "mmproj-pixtral-12b-f16.gguf"
+    with pytest.raises(ModelError, match=r"no BF16 mmproj beside pixtral-12b-Q8_0\.gguf in ggml-org/pixtral-12b-GGUF "
+                                         r"\(local cache\); offered: F16"):
+        find_model_files(f"{GGML}:Q8_0", mmproj_quant="BF16")
+
+
+def test_the_environment_variable_accepts_the_offer(cache, photo, monkeypatch):
+    shutil.rmtree(repo_dir(cache, GGML))
+    monkeypatch.setenv("PIXTRAL_CPP_YES", "1")
+    result = run("describe", photo)  # accepted: it tries to pull, and offline the cache cannot serve it
+    assert result.exit_code == 1
+    assert "no model found" not in result.output
+    assert "ggml-org/pixtral-12b-GGUF@main is not in the local Hugging Face cache" in result.output
