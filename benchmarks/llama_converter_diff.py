@@ -117,7 +117,7 @@ def run_both(theirs: ModelFiles, ours: tuple[GGUFHeader, GGUFHeader], work: Path
     from pixtral_cpp.model import PixtralModel
     from pixtral_cpp.options import ModelOptions
 
-    os.environ.setdefault("PIXTRAL_CPP_CACHE", str(work / "cache"))
+    os.environ.setdefault("PIXTRAL_CPP_CORRECTED_DIR", str(work / "cache"))
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (70, 100, 3), dtype=np.uint8)
     messages = [Message("user", (Image(image), Text("What is in this picture?")))]

@@ -44,7 +44,7 @@ from pixtral_cpp.model_files import ModelFiles, PairInfo, inspect_pair
 from pixtral_cpp.pair_quirks import FIXED_BY_KEY, IMG_BREAK_ID, TOKEN_EMBD, img_break_source_problem, pair_quirks
 
 CHUNK_BYTES = 64 * 1024 * 1024  # copied per write: memory stays flat whatever the tensor size
-CACHE_ENV = "PIXTRAL_CPP_CACHE"
+CORRECTED_DIR_ENV = "PIXTRAL_CPP_CORRECTED_DIR"  # beside paths.py's models and prompt cache folders
 log = logging.getLogger(__name__)
 
 
@@ -217,12 +217,12 @@ def _copy_bytes(source: BinaryIO, out: BinaryIO, offset: int, nbytes: int, progr
 
 # -- the runtime's own correction ------------------------------------------------------------------------
 
-def cache_dir() -> Path:
-    """$PIXTRAL_CPP_CACHE, else $XDG_CACHE_HOME/pixtral-cpp, else ~/.cache/pixtral-cpp."""
-    explicit = os.environ.get(CACHE_ENV)
+def corrected_dir() -> Path:
+    """$PIXTRAL_CPP_CORRECTED_DIR, else $XDG_CACHE_HOME/pixtral-cpp/corrected, else ~/.cache/pixtral-cpp/corrected."""
+    explicit = os.environ.get(CORRECTED_DIR_ENV)
     if explicit:
         return Path(explicit).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pixtral-cpp"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pixtral-cpp" / "corrected"
 
 
 def runnable_mmproj(files: ModelFiles, info: PairInfo, progress: Progress | None = None) -> Path:
@@ -241,8 +241,9 @@ def runnable_mmproj(files: ModelFiles, info: PairInfo, progress: Progress | None
     try:
         check_free_space(target.parent, mmproj.file_size + METADATA_ALLOWANCE)
     except OutputError as exc:
-        raise ModelError(f"{files.mmproj.name} lacks {IMG_BREAK_TENSOR} and pixtral-cpp cannot write its corrected "
-                         f"copy: {exc}; set ${CACHE_ENV} to a folder with room or run `pixtral-cpp fix`") from None
+        raise ModelError(f"{files.mmproj.name} lacks {IMG_BREAK_TENSOR} and pixtral-cpp cannot write its "
+                         f"corrected copy: {exc}; set ${CORRECTED_DIR_ENV} to a folder with room or run "
+                         f"`pixtral-cpp fix`") from None
     partial = partial_path(target, f".{os.getpid()}")  # two processes may correct the same file at once
     with temporary_files(partial):
         rewrite_gguf(mmproj, partial, edits, progress or NullProgress(), f"mmproj {files.mmproj.name} + [IMG_BREAK]")
@@ -258,4 +259,4 @@ def _cached_name(files: ModelFiles) -> Path:
     for path in (files.text, files.mmproj):
         stat = path.stat()
         identity.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
-    return cache_dir() / "corrected" / identity.hexdigest()[:16] / files.mmproj.name
+    return corrected_dir() / identity.hexdigest()[:16] / files.mmproj.name

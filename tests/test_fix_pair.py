@@ -13,7 +13,7 @@ from pixtral_cpp.cli import main
 from pixtral_cpp.conversation import Image, Message, Text
 from pixtral_cpp.convert.chat_template import PIXTRAL_CHAT_TEMPLATE
 from pixtral_cpp.errors import ModelError, OutputError
-from pixtral_cpp.fix_pair import CACHE_ENV, fix_pair
+from pixtral_cpp.fix_pair import CORRECTED_DIR_ENV, fix_pair
 from pixtral_cpp.gguf_file import read_gguf_header
 from pixtral_cpp.gguf_keys import CLIP_IMAGE_STD, IMG_BREAK_TENSOR, TextKeys
 from pixtral_cpp.model import PixtralModel
@@ -29,7 +29,7 @@ EVERY_QUIRK = Quirks(std_is_mean=True, context_length=False)  # no img_break, no
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CORRECTED_DIR_ENV, str(tmp_path / "cache"))
     return tmp_path / "cache"
 
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from pixtral_cpp.cli import main
 from pixtral_cpp.conversation import Image, Message, Text
 from pixtral_cpp.errors import ModelError
-from pixtral_cpp.fix_pair import CACHE_ENV, img_break_vector
+from pixtral_cpp.fix_pair import CORRECTED_DIR_ENV, img_break_vector
 from pixtral_cpp.gguf_file import read_gguf_header
 from pixtral_cpp.gguf_keys import IMG_BREAK_TENSOR
 from pixtral_cpp.images import prepare_image
@@ -35,7 +35,7 @@ QUESTION = "What is in this picture?"
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CORRECTED_DIR_ENV, str(tmp_path / "cache"))
     return tmp_path / "cache"
 
 
