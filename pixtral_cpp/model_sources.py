@@ -89,7 +89,12 @@ def _from_hub(spec: str, mmproj: Path | str | None, mmproj_quant: str | None, pr
               origin: str) -> ResolvedModel:
     from pixtral_cpp.hub_models import pull
 
-    pulled = pull(spec, mmproj_quant=mmproj_quant, progress=progress)
+    try:
+        pulled = pull(spec, mmproj_quant=mmproj_quant, progress=progress)
+    except ModelError as exc:
+        if "not in the local Hugging Face cache" in str(exc) or str(exc).startswith("no repo "):  # maybe a typo
+            raise ModelError(f"{exc} (read {spec!r} as a hub repo: no file or folder has that name)") from None
+        raise
     files = pulled.files if mmproj is None else ModelFiles(pulled.files.text, _explicit_mmproj(mmproj))
     return ResolvedModel(files, f"{origin} {spec}", pulled.notes)
 

@@ -164,7 +164,8 @@ def test_an_existing_path_wins_over_a_hub_spelling(converted, tmp_path, monkeypa
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     assert resolve_model("user/repo").files.text.resolve() == folder / "m-F16.gguf"
-    with pytest.raises(ModelError, match=r"user/other@main is not in the local Hugging Face cache"):
+    with pytest.raises(ModelError, match=r"user/other@main is not in the local Hugging Face cache .*\(read "
+                                         r"'user/other:Q4_K_M' as a hub repo: no file or folder has that name\)"):
         resolve_model("user/other:Q4_K_M")
     with pytest.raises(ModelError, match=r"no model at .*missing\.gguf \(--model\)"):
         resolve_model("./missing.gguf")
