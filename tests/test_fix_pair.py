@@ -158,3 +158,13 @@ def test_the_llama_cpp_default_pair_needs_only_img_break_and_template(tiny_gguf_
     files = ModelFiles(*write_quirky_pair(tiny_gguf_pair[0], tiny_gguf_pair[1], tmp_path / "q", LLAMA_CPP_HF))
     result = fix_pair(files, tmp_path / "out")
     assert [c.split()[1] for c in result.corrections] == ["pixtral-cpp's", IMG_BREAK_TENSOR]
+
+
+def test_swapped_mean_and_std_are_put_back(tiny_gguf_pair, tmp_path):
+    files = ModelFiles(*write_quirky_pair(tiny_gguf_pair[0], tiny_gguf_pair[1], tmp_path / "q",
+                                          Quirks(img_break=True, mean_std_swapped=True)))
+    result = fix_pair(files, tmp_path / "out", keep_template=True)
+    fixed_header, own = read_gguf_header(result.mmproj_path), read_gguf_header(tiny_gguf_pair[1])
+    for key in ("clip.vision.image_mean", "clip.vision.image_std"):
+        assert fixed_header.metadata[key] == pytest.approx(own.metadata[key], rel=1e-6)
+    assert inspect_pair(ModelFiles(result.text_path, result.mmproj_path)).quirks.quirks == ()
