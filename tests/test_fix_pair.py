@@ -20,7 +20,7 @@ from pixtral_cpp.model import PixtralModel
 from pixtral_cpp.model_files import ModelFiles, inspect_pair
 from pixtral_cpp.options import ModelOptions
 from pixtral_cpp.pair_quirks import FIXED_BY_KEY, LLAMA_CPP_WRITER, PIXTRAL_CPP_FIX_WRITER
-from tests.quirky_files import LLAMA_CPP_HF, LLAMA_CPP_NATIVE, Quirks, rewrite_with_keys, write_quirky_pair
+from tests.quirky_files import KEEP, LLAMA_CPP_HF, LLAMA_CPP_NATIVE, Quirks, rewrite_with_keys, write_quirky_pair
 from tests.test_runtime_parity import photo_like
 
 EXACT = ModelOptions(n_ctx=4096, threads=2, kv_cache_type="f32", flash_attn="off")
@@ -162,7 +162,7 @@ def test_the_llama_cpp_default_pair_needs_only_img_break_and_template(tiny_gguf_
 
 def test_swapped_mean_and_std_are_put_back(tiny_gguf_pair, tmp_path):
     files = ModelFiles(*write_quirky_pair(tiny_gguf_pair[0], tiny_gguf_pair[1], tmp_path / "q",
-                                          Quirks(img_break=True, mean_std_swapped=True)))
+                                          Quirks(img_break=True, mean_std_swapped=True, chat_template=KEEP)))
     result = fix_pair(files, tmp_path / "out", keep_template=True)
     fixed_header, own = read_gguf_header(result.mmproj_path), read_gguf_header(tiny_gguf_pair[1])
     for key in ("clip.vision.image_mean", "clip.vision.image_std"):
