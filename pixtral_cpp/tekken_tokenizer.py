@@ -2,7 +2,7 @@
 
 llama.cpp does not split text as tekken does: pre-tokenizer `pixtral` (what llama.cpp's converter writes)
 selects its Llama-3 regex, which cuts words after an apostrophe differently (`O'Donnell`, `didn't`), and even
-its `tekken` regex groups Indic combining marks differently (`हिन्दी`: 6 tokens, mistral-common 4).
+its `tekken` regex groups Indic combining marks differently (`हिन्दी`: 4 tokens in this build, mistral-common 3).
 mistral-common's Tekkenizer is tiktoken over tekken's split pattern with rank = token id - the number of
 control tokens; `TekkenTokenizer` is the same tiktoken over the same ranks, read back from the GGUF's
 `tokenizer.ggml.tokens` (GPT-2 byte strings), so its ids are mistral-common's for any text.
