@@ -20,3 +20,11 @@ DEFAULT_HUB_MODEL = "ggml-org/pixtral-12b-GGUF:Q4_K_M"
 DEFAULT_TEXT_QUANTS = ("Q4_K_M", "Q8_0")
 MMPROJ_PREFERENCE = ("F16", "BF16", "F32", "Q8_0")  # most precise first; the projector is small
 YES_ENV = "PIXTRAL_CPP_YES"  # set to 1: accept the first run's offer to pull the default model, as --yes
+
+# The prompt cache on disk (pixtral_cpp.disk_cache, docs/prompt-cache.md). An entry costs 160 KiB per
+# position at 12B with an F16 KV cache: about 130 MB for a 1024x768 photo at 512 px, 511 MB at 1024 px.
+DISK_CACHE_MAX_BYTES = 4 << 30
+# The whole prompt is stored beside the prefix through its last image only when it adds at least this many
+# positions: re-evaluating a short question costs about a second at 12B, its entry a whole image's bytes.
+DISK_CACHE_MIN_NEW_POSITIONS = 64
+DISK_CACHE_ENV = "PIXTRAL_CPP_CACHE_DIR"  # the prompt cache's folder (default: the user's cache folder)

@@ -15,6 +15,7 @@ from typing import TypeVar
 import numpy as np
 
 from pixtral_cpp.backend import ImageEmbedding, TextModel
+from pixtral_cpp.errors import BackendError
 
 Key = int | str
 T = TypeVar("T")
@@ -37,7 +38,22 @@ class ImageRun:
         return [self.key] * self.embedding.n_positions
 
 
-Run = TokenRun | ImageRun
+@dataclass(frozen=True)
+class ImageSpan:
+    """An image's place in a prompt, known from its size before it is encoded: its key over its positions.
+
+    Stands in for an ImageRun whose positions the KV cache already holds (kept or restored), so the
+    image need not be encoded at all.
+    """
+
+    key: str
+    n_positions: int
+
+    def keys(self) -> list[Key]:
+        return [self.key] * self.n_positions
+
+
+Run = TokenRun | ImageRun | ImageSpan
 
 
 def reusable_prefix(cached: Sequence[Key], runs: Sequence[Run]) -> int:
@@ -54,7 +70,7 @@ def reusable_prefix(cached: Sequence[Key], runs: Sequence[Run]) -> int:
     start = 0
     for run in runs:
         end = start + len(run.keys())
-        if isinstance(run, ImageRun) and start < n < end:
+        if isinstance(run, (ImageRun, ImageSpan)) and start < n < end:
             return start
         start = end
     return n
@@ -89,6 +105,26 @@ class KVCache:
     def append_embeddings(self, key: str, rows: np.ndarray) -> None:
         """Evaluate image embedding rows (n, n_embd) after the cached positions, each keyed `key`."""
         self._change(lambda: self._text.decode_embeddings(rows), len(self._keys), [key] * len(rows))
+
+    def snapshot(self) -> tuple[tuple[Key, ...], bytearray]:
+        """The keys and llama.cpp's serialized state of what the KV cache holds now (a copy)."""
+        return self.keys, self._text.sequence_state()
+
+    def restore(self, keys: Sequence[Key], state: bytearray) -> None:
+        """Replace the KV cache with a snapshot's `state`, whose positions `keys` name.
+
+        A state that llama.cpp refuses, or that holds another number of positions, leaves it empty.
+        """
+        self._keys = []
+        try:
+            held = self._text.restore_sequence_state(state)
+        except BaseException:
+            self.forget()
+            raise
+        if held != len(keys):
+            self.forget()
+            raise BackendError(f"a saved KV cache state holds {held} positions, its keys {len(keys)}")
+        self._keys = list(keys)
 
     def forget(self) -> None:
         """Empty the KV cache and its keys: reuse nothing."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pixtral_cpp.answer import Answerer
+from pixtral_cpp.answer import Answerer, open_disk_cache
 from pixtral_cpp.backend import TextModel, TextModelOptions, VisionContext, llama_supports_gpu_offload, set_verbose
 from pixtral_cpp.call_forms import collected, describing, in_thread
 from pixtral_cpp.control import CallControl, CancelToken, ProgressCallback
@@ -66,7 +66,8 @@ class PixtralModel:
         except BaseException:
             self._text.close()  # closes the vision context too
             raise
-        self._answerer = Answerer(self._text, self._vision, self.options, self.placement)
+        self._answerer = Answerer(self._text, self._vision, self.options, self.placement,
+                                  open_disk_cache((files.text, files.mmproj), self.options, self.placement))
         self._lock = threading.RLock()
         self._busy = False  # a call holds the lock (guards against re-entry from the same thread)
         self.load_seconds = time.monotonic() - started  # checks, text model, vision encoder, warm-ups
@@ -102,6 +103,8 @@ class PixtralModel:
         with self._lock:
             self._vision.close()
             self._text.close()
+            if self._answerer.disk is not None:  # a process must not end before its prompt cache is written
+                self._answerer.disk.flush()
 
     def __enter__(self) -> PixtralModel:
         return self

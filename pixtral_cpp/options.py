@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from pixtral_cpp.backend.sampling import SamplingOptions
-from pixtral_cpp.defaults import DEFAULT_CONTEXT, DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE
+from pixtral_cpp.defaults import DEFAULT_CONTEXT, DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DISK_CACHE_MAX_BYTES
 from pixtral_cpp.errors import OptionsError
 from pixtral_cpp.images import MAX_IMAGE_SIZE, check_max_image_size
 from pixtral_cpp.valid_text import check_json_text, check_text
@@ -32,6 +33,10 @@ class ModelOptions:
     # Encoded images kept for follow-up questions: up to 85 MB each at 12B (4159 x 5120 float32).
     image_cache_size: int = 4
     verbose: bool = False  # llama.cpp's own logging
+    # Evaluated prompt prefixes kept on disk for later processes (pixtral_cpp.disk_cache, docs/prompt-cache.md).
+    disk_cache: bool = True
+    disk_cache_dir: str | Path | None = None  # None: $PIXTRAL_CPP_CACHE_DIR or the user's cache folder
+    disk_cache_max_bytes: int = DISK_CACHE_MAX_BYTES
 
     def __post_init__(self) -> None:
         check_max_image_size(self.max_image_size)
@@ -41,6 +46,14 @@ class ModelOptions:
             raise OptionsError(f"image_cache_size must be 0 or more, got {self.image_cache_size}")
         if self.threads is not None and self.threads < 1:
             raise OptionsError(f"threads must be positive, got {self.threads}")
+        if isinstance(self.disk_cache_max_bytes, bool) or not isinstance(self.disk_cache_max_bytes, int) \
+                or self.disk_cache_max_bytes < 1:
+            raise OptionsError(f"disk_cache_max_bytes must be a positive number of bytes, got "
+                               f"{self.disk_cache_max_bytes!r}")
+        if self.disk_cache_dir is not None and not isinstance(self.disk_cache_dir, (str, Path)):
+            raise OptionsError(f"disk_cache_dir must be a folder path, got {self.disk_cache_dir!r}")
+        if isinstance(self.disk_cache_dir, str) and not self.disk_cache_dir.strip():
+            raise OptionsError("disk_cache_dir must be a folder path, got an empty string")
 
 
 @dataclass(frozen=True)

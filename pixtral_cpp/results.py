@@ -31,10 +31,12 @@ class GenerationStats:
     finish_reason: FinishReason
     text_layers_on_gpu: int = 0  # where it ran (see PixtralModel.placement)
     vision_on_gpu: bool = False
+    restored_tokens: int = 0  # of the prompt positions, restored from the prompt cache on disk
+    restore_seconds: float = 0.0  # reading, checking and restoring them
 
     @property
     def prompt_tokens_per_second(self) -> float:
-        evaluated = self.prompt_tokens - self.reused_tokens
+        evaluated = self.prompt_tokens - self.reused_tokens - self.restored_tokens
         return evaluated / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
 
     @property

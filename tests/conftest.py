@@ -7,9 +7,25 @@ import os
 # torch and llama.cpp in one process on 2 cores: spinning OpenMP threads slow llama.cpp 100x.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+# The prompt cache on disk is on by default: the tests (and the processes they start) use a folder of
+# their own, never the user's, emptied before each test so that no test answers from another's entries.
+PROMPT_CACHE_DIR = Path(tempfile.mkdtemp(prefix="pixtral-cpp-test-prompts-"))
+os.environ["PIXTRAL_CPP_CACHE_DIR"] = str(PROMPT_CACHE_DIR)
+atexit.register(shutil.rmtree, PROMPT_CACHE_DIR, True)
+
+
+@pytest.fixture(autouse=True)
+def _empty_prompt_cache() -> None:
+    for entry in PROMPT_CACHE_DIR.iterdir() if PROMPT_CACHE_DIR.is_dir() else ():
+        if entry.is_file():
+            entry.unlink(missing_ok=True)
 
 from pixtral_cpp.convert import ConvertOptions, convert_checkpoint  # noqa: E402
 from pixtral_cpp.synthetic import write_synthetic_checkpoint  # noqa: E402

@@ -226,6 +226,29 @@ class TextModel:
         if not self._llama.llama_memory_seq_rm(self._llama.llama_get_memory(ctx), 0, n_keep, -1):
             raise BackendError(f"llama.cpp could not trim the KV cache to {n_keep} positions")
 
+    def sequence_state(self) -> bytearray:
+        """llama.cpp's serialized state of sequence 0 (its KV cells), for restore_sequence_state."""
+        _, ctx = self._handles()
+        size = self._llama.llama_state_seq_get_size(ctx, 0)
+        data = bytearray(size)  # written in place by llama.cpp: no second copy of hundreds of MB
+        written = self._llama.llama_state_seq_get_data(ctx, _bytes_pointer(data), size, 0) if size else 0
+        if size == 0 or written != size:
+            raise BackendError(f"llama.cpp could not copy the KV cache's state ({written} of {size} bytes)")
+        return data
+
+    def restore_sequence_state(self, data: bytearray) -> int:
+        """Replace sequence 0 with a state from sequence_state; the positions it holds now.
+
+        llama.cpp checks the state's layout and refuses (0) one that does not fit this context; the
+        KV cache is then emptied, never left half restored.
+        """
+        _, ctx = self._handles()
+        if not data or self._llama.llama_state_seq_set_data(ctx, _bytes_pointer(data), len(data), 0) == 0:
+            self.clear()
+            raise BackendError(f"llama.cpp refused a saved KV cache state of {len(data)} bytes: "
+                               f"{last_native_error()}")
+        return self.n_past
+
     def eval_tokens(self, tokens: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
         """Append ``tokens``; logits of the last position (n_vocab,) or of every one (n_tokens, n_vocab)."""
         ids = np.ascontiguousarray(tokens, dtype=np.int32)
@@ -321,6 +344,11 @@ class _ProgressRelay:
             self.error = exc
             return False
         return True
+
+
+def _bytes_pointer(data: bytearray) -> Any:
+    """A uint8 pointer into `data` itself (no copy)."""
+    return (ctypes.c_uint8 * len(data)).from_buffer(data)
 
 
 def _free_text(llama: Any, ctx: int, model: int) -> None:
