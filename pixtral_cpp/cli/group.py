@@ -44,6 +44,8 @@ COMMANDS: dict[str, CommandSpec] = {
     "backend": CommandSpec("pixtral_cpp.cli.backend:backend",
                            "What the installed llama.cpp can do (default), or rebuild it for CPU, Metal, CUDA or "
                            "Vulkan."),
+    "cache": CommandSpec("pixtral_cpp.cli.cache:cache",
+                         "The prompt cache on disk: its folder, size and entries; `cache clear` empties it."),
     "batch": CommandSpec("pixtral_cpp.cli.batch:batch",
                          "Describe each image of INPUTS (folders, image files) on its own: one JSON line per "
                          "image.", writes_files=True),

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from pixtral_cpp.defaults import DEFAULT_CONTEXT, DEFAULT_HUB_MODEL, DEFAULT_TEMPERATURE, YES_ENV
+from pixtral_cpp.defaults import DEFAULT_CONTEXT, DEFAULT_HUB_MODEL, DEFAULT_TEMPERATURE, DISK_CACHE_ENV, YES_ENV
 from pixtral_cpp.images import MAX_IMAGE_SIZE
 from pixtral_cpp.model_files import MODEL_ENV
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 # The options model_options adds, named as ModelOptions names its fields.
 _MODEL_OPTION_FIELDS = ("n_ctx", "threads", "gpu_layers", "vision_gpu", "max_image_size", "use_mmap",
-                        "repack_weights")
+                        "repack_weights", "disk_cache")
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,10 @@ def model_options(f: Any) -> Any:
                      help="llama.cpp's repacked CPU weights: faster generation, slower load and prompt."),
         click.option("--mmap/--no-mmap", "use_mmap", default=None,
                      help="Map the model file (default: yes, unless --repack) or read it into memory."),
+        click.option("--cache/--no-cache", "disk_cache", default=True, show_default=True,
+                     help=f"Keep evaluated prompts on disk, so a later process asking about the same image "
+                          f"answers in seconds (folder: ${DISK_CACHE_ENV} or the user's cache; see "
+                          f"`pixtral-cpp cache`)."),
     ])
 
 

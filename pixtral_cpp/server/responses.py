@@ -18,9 +18,11 @@ def finish_reason(stats: GenerationStats) -> str:
     return "length" if stats.finish_reason == "length" else "stop"
 
 
-def usage(stats: GenerationStats) -> dict[str, int]:
+def usage(stats: GenerationStats) -> dict[str, Any]:
+    # OpenAI's cached_tokens: the prompt positions not evaluated again, kept in memory or restored from disk.
     return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
-            "total_tokens": stats.prompt_tokens + stats.generated_tokens}
+            "total_tokens": stats.prompt_tokens + stats.generated_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.reused_tokens + stats.restored_tokens}}
 
 
 @dataclass(frozen=True)
