@@ -206,6 +206,7 @@ class DiskCache:
                 f.write(_header(self.identity, key_digest, len(keys), state))
                 f.write(state)
             os.replace(partial, target)
+            evict(self.folder, self.max_bytes)  # writers publishing at once each made room for one entry only
         except OSError as exc:
             log.warning("prompt cache: not storing %d positions in %s: %s", len(keys), self.folder, exc)
             _unlink(partial)

@@ -31,7 +31,7 @@ from pixtral_cpp.results import Completion
 
 IMAGE_SIZE = (208, 144)  # (width, height): 13 x 9 patches, not square, so rows and columns cannot swap
 GREEDY = GenerationOptions(max_tokens=8, temperature=0)
-MODEL_OPTIONS = ModelOptions(n_ctx=1024)
+MODEL_OPTIONS = ModelOptions(n_ctx=1024, disk_cache=False)  # its tiny model in a temp folder: nothing to keep
 # Relative tolerance between prompt logits with a reused KV prefix and from a fresh model: the same
 # weights and positions, only the batch split differs (F16 KV cache).
 REUSE_TOLERANCE = 1e-2

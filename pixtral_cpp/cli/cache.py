@@ -32,7 +32,7 @@ def show(folder: Path) -> None:
 
     found = entries(folder)
     total = sum(e.size for e in found)
-    click.echo(f"{folder}: {len(found)} {'entry' if len(found) == 1 else 'entries'}, {format_bytes(total)} "
+    click.echo(f"{folder}: {_entries(len(found))}, {format_bytes(total)} "
                f"(limit {format_bytes(DISK_CACHE_MAX_BYTES)} unless a model sets another)")
     if not found:
         return
@@ -53,4 +53,8 @@ def clear(folder: Path) -> None:
 
     count = len(entries(folder))
     freed = clear_folder(folder)
-    click.echo(f"removed {count} entries ({format_bytes(freed)}) from {folder}")
+    click.echo(f"removed {_entries(count)} ({format_bytes(freed)}) from {folder}")
+
+
+def _entries(count: int) -> str:
+    return f"{count} {'entry' if count == 1 else 'entries'}"
