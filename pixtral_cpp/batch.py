@@ -28,7 +28,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -123,23 +124,51 @@ def run_batch(model: PixtralModel, images: Iterable[str | os.PathLike[str]],
     A KeyboardInterrupt (also one raised by on_progress) propagates after the last finished record
     is safely on disk. Errors other than ImageError stop the batch (see the module docstring).
     """
-    started = time.monotonic()
     generation = generation or GenerationOptions()
-    report = on_progress or (lambda _: None)
+    with open_batch(images, out_path, prompt, retry_failed, on_progress) as batch:
+        for path in batch.pending:
+            batch.save(_describe_one(model, path, prompt, generation))
+    return batch.summary()
+
+
+class PendingBatch:
+    """What a run has to do, and the one writer of its records: local and remote batches share it
+    (pixtral_cpp.remote_batch), so both keep the same file and resume rules."""
+
+    def __init__(self, output: _RecordFile, pending: list[Path], skipped: int, retried: int,
+                 on_progress: Callable[[BatchProgress], None] | None) -> None:
+        self.pending = pending  # absolute paths, each image once, in the order given
+        self.skipped, self.retried = skipped, retried
+        self.described = self.failed = 0
+        self._output, self._report = output, on_progress or (lambda _: None)
+        self._started = time.monotonic()
+
+    def save(self, record: BatchRecord) -> None:
+        """Append `record` durably, then report it; call from one thread only."""
+        self._output.append(record)
+        self.described += record.error is None
+        self.failed += record.error is not None
+        self._report(BatchProgress(self.described + self.failed, len(self.pending), self.skipped, record))
+
+    def summary(self) -> BatchSummary:
+        return BatchSummary(self.described, self.skipped, self.failed, time.monotonic() - self._started,
+                            self.retried)
+
+
+@contextmanager
+def open_batch(images: Iterable[str | os.PathLike[str]], out_path: str | os.PathLike[str], prompt: str,
+               retry_failed: bool = False, on_progress: Callable[[BatchProgress], None] | None = None
+               ) -> Iterator[PendingBatch]:
+    """Lock and read `out_path`, work out which images still need an answer for `prompt`, report the
+    start (record None) and hand over the writer; the file is closed (and unlocked) on leaving."""
     unique = _unique_absolute(images)
     with _RecordFile(Path(out_path)) as output:
         done, failed_before = output.done_paths(prompt, retry_failed)
         pending = [path for resolved, path in unique.items() if resolved not in done]
         retried = sum(resolved in failed_before for resolved in unique if resolved not in done)
-        skipped, described, failed = len(unique) - len(pending), 0, 0
-        report(BatchProgress(0, len(pending), skipped, None))
-        for n, path in enumerate(pending, 1):
-            record = _describe_one(model, path, prompt, generation)
-            output.append(record)
-            described += record.error is None
-            failed += record.error is not None
-            report(BatchProgress(n, len(pending), skipped, record))
-    return BatchSummary(described, skipped, failed, time.monotonic() - started, retried)
+        batch = PendingBatch(output, pending, len(unique) - len(pending), retried, on_progress)
+        batch._report(BatchProgress(0, len(pending), batch.skipped, None))
+        yield batch
 
 
 def _unique_absolute(images: Iterable[str | os.PathLike[str]]) -> dict[Path, Path]:
