@@ -75,3 +75,7 @@ class ServerBusyError(PixtralError):
 
 class ServerShuttingDownError(ServerBusyError):
     """The server is stopping: the running generation was ended and waiting requests are refused."""
+
+
+class EndpointError(PixtralError):
+    """A remote batch cannot go on: every server it was given was dropped (the message says why for each)."""
