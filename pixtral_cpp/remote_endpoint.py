@@ -153,6 +153,8 @@ class Endpoint:
                     self._pause(delay, attempt, reason, stop)
                     continue
             self._note_failure(reason)
+            if self.dropped is not None:
+                raise EndpointDropped(self.dropped)
             self._pause(wait if wait is not None else backoff(attempt), attempt, reason, stop)
         raise self._drop(f"{MAX_ATTEMPTS} tries of one image failed, the last: {reason}")
 
