@@ -42,9 +42,9 @@ from pixtral_cpp.gguf_file import GGUFHeader, read_gguf_header
 from pixtral_cpp.gguf_keys import CLIP_IMAGE_STD, IMG_BREAK_TENSOR, TextKeys
 from pixtral_cpp.model_files import ModelFiles, PairInfo, inspect_pair
 from pixtral_cpp.pair_quirks import FIXED_BY_KEY, IMG_BREAK_ID, TOKEN_EMBD, img_break_source_problem, pair_quirks
+from pixtral_cpp.paths import CORRECTED_DIR_ENV, corrected_dir
 
 CHUNK_BYTES = 64 * 1024 * 1024  # copied per write: memory stays flat whatever the tensor size
-CORRECTED_DIR_ENV = "PIXTRAL_CPP_CORRECTED_DIR"  # beside paths.py's models and prompt cache folders
 log = logging.getLogger(__name__)
 
 
@@ -216,14 +216,6 @@ def _copy_bytes(source: BinaryIO, out: BinaryIO, offset: int, nbytes: int, progr
 
 
 # -- the runtime's own correction ------------------------------------------------------------------------
-
-def corrected_dir() -> Path:
-    """$PIXTRAL_CPP_CORRECTED_DIR, else $XDG_CACHE_HOME/pixtral-cpp/corrected, else ~/.cache/pixtral-cpp/corrected."""
-    explicit = os.environ.get(CORRECTED_DIR_ENV)
-    if explicit:
-        return Path(explicit).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pixtral-cpp" / "corrected"
-
 
 def runnable_mmproj(files: ModelFiles, info: PairInfo, progress: Progress | None = None) -> Path:
     """The mmproj libmtmd can load for this pair: the file itself, or a copy with the [IMG_BREAK] vector

@@ -13,13 +13,14 @@ from pixtral_cpp.cli import main
 from pixtral_cpp.conversation import Image, Message, Text
 from pixtral_cpp.convert.chat_template import PIXTRAL_CHAT_TEMPLATE
 from pixtral_cpp.errors import ModelError, OutputError
-from pixtral_cpp.fix_pair import CORRECTED_DIR_ENV, fix_pair
+from pixtral_cpp.fix_pair import fix_pair
 from pixtral_cpp.gguf_file import read_gguf_header
 from pixtral_cpp.gguf_keys import CLIP_IMAGE_STD, IMG_BREAK_TENSOR, TextKeys
 from pixtral_cpp.model import PixtralModel
 from pixtral_cpp.model_files import ModelFiles, inspect_pair
 from pixtral_cpp.options import ModelOptions
 from pixtral_cpp.pair_quirks import FIXED_BY_KEY, LLAMA_CPP_WRITER, PIXTRAL_CPP_FIX_WRITER
+from pixtral_cpp.paths import CORRECTED_DIR_ENV
 from tests.quirky_files import KEEP, LLAMA_CPP_HF, LLAMA_CPP_NATIVE, Quirks, rewrite_with_keys, write_quirky_pair
 from tests.test_runtime_parity import photo_like
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from pixtral_cpp.cli import main
 from pixtral_cpp.conversation import Image, Message, Text
 from pixtral_cpp.errors import ModelError
-from pixtral_cpp.fix_pair import CORRECTED_DIR_ENV, img_break_vector
+from pixtral_cpp.fix_pair import img_break_vector
 from pixtral_cpp.gguf_file import read_gguf_header
 from pixtral_cpp.gguf_keys import IMG_BREAK_TENSOR
 from pixtral_cpp.images import prepare_image
@@ -18,6 +18,7 @@ from pixtral_cpp.model import PixtralModel
 from pixtral_cpp.model_files import ModelFiles, check_pair, inspect_pair
 from pixtral_cpp.options import ModelOptions
 from pixtral_cpp.pair_quirks import LLAMA_CPP_WRITER, PIXTRAL_CPP_WRITER, Handling
+from pixtral_cpp.paths import CORRECTED_DIR_ENV
 from tests.quirky_files import (
     KEEP,
     LLAMA_CPP_HF,
