@@ -204,11 +204,14 @@ class Answerer:
         """Store the KV cache on disk if it now holds one of the prefixes in `points`."""
         if self.disk is None or len(self.kv.keys) not in points:
             return
+        started = time.monotonic()
         try:
             keys, state = self.kv.snapshot()  # a copy: llama.cpp goes on while a thread writes it
         except BackendError as exc:
             log.warning("prompt cache: not storing %d positions: %s", len(self.kv.keys), exc)
             return
+        log.debug("prompt cache: snapshot of %d positions, %d bytes, in %.3f s", len(keys), len(state),
+                  time.monotonic() - started)
         self.disk.store(keys, state)
 
     def _tally(self) -> _Tally:

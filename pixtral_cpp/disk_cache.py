@@ -196,6 +196,7 @@ class DiskCache:
                      len(keys), size, self.max_bytes)
             return
         partial = self.folder / f".{target.name}.{os.getpid()}.{threading.get_ident()}{PARTIAL}"
+        started = time.monotonic()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             free = shutil.disk_usage(self.folder).free
@@ -207,6 +208,8 @@ class DiskCache:
                 f.write(state)
             os.replace(partial, target)
             evict(self.folder, self.max_bytes)  # writers publishing at once each made room for one entry only
+            log.debug("prompt cache: wrote %d positions, %d bytes, in %.3f s", len(keys), size,
+                      time.monotonic() - started)
         except OSError as exc:
             log.warning("prompt cache: not storing %d positions in %s: %s", len(keys), self.folder, exc)
             _unlink(partial)

@@ -1,0 +1,123 @@
+"""The prompt cache on disk across processes: a second process asking another question about the same photo.
+
+    python benchmarks/bench_disk_cache.py --shape full --quant Q4_K_M --budget 512 --budget 1024 --work-dir /tmp/bench
+
+For each image budget, in one run and with an empty cache folder each time, three fresh processes describe a
+1024x768 photo: the first with the cache off (the baseline), the first with the cache on (it stores the
+prefix through the image), then a second with the cache on and another question (it restores that prefix).
+Each reports its model load separately from its time to first token, and how long closing the model took
+(waiting for the background write). Storing's cost is measured twice: the first process's time to first token
+against the baseline's (noisy on a shared machine), and the parts that run before the first token (the
+snapshot copy; the writer thread runs beside the prompt's remaining evaluation and the generation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from bench_describe import _time_to_first_chunk, ensure_model
+
+FIRST, SECOND = "Describe this image.", "What colours dominate in this picture?"
+
+
+class _Timings(logging.Handler):
+    """Collects the prompt cache's debug records: (message template, args)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def seconds(self, starts: str) -> float:
+        return sum(r.args[-1] for r in self.records if r.msg.startswith(starts))  # type: ignore[index]
+
+
+def run_one(model: Path, budget: int, question: str, cache: Path | None, threads: int, max_tokens: int
+            ) -> dict[str, Any]:
+    """One process's measurement (called in a fresh subprocess by the driver)."""
+    from pixtral_cpp.disk_cache import entries
+    from pixtral_cpp.model import PixtralModel
+    from pixtral_cpp.options import ModelOptions
+
+    timings = _Timings()
+    logging.getLogger("pixtral_cpp").addHandler(timings)
+    logging.getLogger("pixtral_cpp").setLevel(logging.DEBUG)
+    image = np.random.default_rng(0).integers(0, 256, (768, 1024, 3), dtype=np.uint8)  # a 1024x768 photo
+    options = ModelOptions(max_image_size=budget, threads=threads, disk_cache=cache is not None,
+                           disk_cache_dir=cache)
+    started = time.monotonic()
+    pixtral = PixtralModel.load(model, options=options)
+    load = time.monotonic() - started
+    first_token, _, stats = _time_to_first_chunk(
+        pixtral.stream_describe(image, question, max_tokens=max_tokens, temperature=0))
+    started = time.monotonic()
+    pixtral.close()  # waits for the entry to be written
+    return {"load_s": load, "first_token_s": first_token, "close_s": time.monotonic() - started,
+            "image_tokens": stats.image_tokens, "images_encoded": stats.images_encoded,
+            "encode_s": stats.image_encode_seconds, "prompt_s": stats.prompt_seconds,
+            "restored": stats.restored_tokens, "restore_s": stats.restore_seconds,
+            "snapshot_s": timings.seconds("prompt cache: snapshot"), "write_s": timings.seconds("prompt cache: wrote"),
+            "cache_bytes": sum(e.size for e in entries(cache)) if cache else 0}
+
+
+def _child(model: Path, budget: int, question: str, cache: Path | None, flags: list[str]) -> dict[str, Any]:
+    argv = [sys.executable, __file__, "--run-one", str(model), str(budget), question, str(cache or "off"), *flags]
+    return json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+
+
+def measure(model: Path, budget: int, work: Path, flags: list[str]) -> dict[str, dict[str, Any]]:
+    cache = work / f"prompt-cache-{budget}"
+    shutil.rmtree(cache, ignore_errors=True)
+    return {"cold": _child(model, budget, FIRST, None, flags), "first": _child(model, budget, FIRST, cache, flags),
+            "second": _child(model, budget, SECOND, cache, flags)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="full", help="tiny, wide (real width) or full (the 12B shape)")
+    parser.add_argument("--quant", default="Q4_K_M")
+    parser.add_argument("--budget", type=int, action="append", help="image budgets in px (default 512, 1024)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument("--runs", type=int, default=1, help="rounds per budget; medians are printed")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/pixtral-cpp-bench"))
+    parser.add_argument("--run-one", nargs=4, metavar=("MODEL", "BUDGET", "QUESTION", "CACHE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    flags = ["--threads", str(args.threads), "--max-tokens", str(args.max_tokens)]
+    if args.run_one:
+        model, budget, question, cache = args.run_one
+        print(json.dumps(run_one(Path(model), int(budget), question, None if cache == "off" else Path(cache),
+                                 args.threads, args.max_tokens)))
+        return
+    model = ensure_model(args.work_dir, args.shape, args.quant)
+    for budget in args.budget or [512, 1024]:
+        rounds = [measure(model, budget, args.work_dir, flags) for _ in range(args.runs)]
+        for round_ in rounds:
+            print(json.dumps({"budget": budget, **round_}), flush=True)
+        med = {kind: {key: statistics.median(r[kind][key] for r in rounds) for key in rounds[0][kind]}
+               for kind in ("cold", "first", "second")}
+        cold, first, second = med["cold"], med["first"], med["second"]
+        print(f"{args.shape} {args.quant} {budget} px: image positions {first['image_tokens']}, entry "
+              f"{first['cache_bytes'] / 1e6:.1f} MB; first token: cold {cold['first_token_s']:.2f} s, first with "
+              f"cache {first['first_token_s']:.2f} s ({first['first_token_s'] / cold['first_token_s'] - 1:+.1%}; "
+              f"snapshot {first['snapshot_s']:.3f} s, write {first['write_s']:.2f} s in the background, close "
+              f"{first['close_s']:.2f} s), second {second['first_token_s']:.2f} s (restore "
+              f"{second['restore_s']:.3f} s of {second['restored']} positions, images encoded "
+              f"{second['images_encoded']}) = {second['first_token_s'] / first['first_token_s']:.3f}x; loads "
+              f"{cold['load_s']:.1f} / {first['load_s']:.1f} / {second['load_s']:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
