@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from pixtral_cpp.backend._native import bindings, log_listener, schema_converter
+from pixtral_cpp.backend._native import bindings, log_listener
+from pixtral_cpp.backend.json_schema import SchemaError, schema_to_gbnf
 from pixtral_cpp.backend.text import TextModel
 from pixtral_cpp.errors import BackendError, PixtralError
 from pixtral_cpp.quiet_stderr import capture_stderr
@@ -23,11 +24,6 @@ logger = logging.getLogger("pixtral_cpp.llama")
 
 _DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp's dist sampler would draw a seed of its own
 _MIN_KEEP = 1  # top-p and min-p keep at least this many candidates (llama.cpp's common default)
-
-# llama-cpp-python 0.3.36's converter still lets a string hold raw control characters, which JSON forbids
-# (json.loads rejects them); llama.cpp's own converter (common/json-schema-to-grammar.cpp) excludes them.
-_STALE_CHAR_RULE = r'char ::= [^"\\] | "\\" (["\\/bfnrt] | "u"' + " [0-9a-fA-F]" * 4 + ")"
-_JSON_CHAR_RULE = r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
 
 # struct llama_token_data in llama.h: {llama_token id; float logit; float p;}
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
@@ -245,15 +241,13 @@ def json_schema_grammar(schema: dict[str, Any] | str) -> str:
             raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from exc
     if not isinstance(schema, dict):
         raise GrammarError(f"a JSON schema must be a JSON object, got {type(schema).__name__}")
-    text = _schema_text(schema)
-    converter = _schema_converter()
+    _schema_text(schema)
     try:
-        grammar = converter(text)
-    # The converter reports unsupported or broken schemas with asserts and whatever the code hits.
-    except (AssertionError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
-        reason = str(exc) or type(exc).__name__
-        raise GrammarError(f"cannot turn the JSON schema into a grammar: {reason}") from exc
-    grammar = "\n".join(_JSON_CHAR_RULE if line == _STALE_CHAR_RULE else line for line in grammar.splitlines())
+        grammar = schema_to_gbnf(schema)
+    except SchemaError as exc:
+        raise GrammarError(f"cannot turn the JSON schema into a grammar: {exc}") from exc
+    except RecursionError as exc:  # $ref chains the depth check cannot see
+        raise GrammarError("cannot turn the JSON schema into a grammar: its references nest too deeply") from exc
     _check_grammar_cost(grammar)
     return grammar
 
@@ -325,7 +319,3 @@ def _check_grammar_cost(grammar: str) -> None:
                            f"const/anyOf/oneOf branches, pattern choices), over the limit of "
                            f"{MAX_GRAMMAR_ALTERNATIVES:,}: each costs time at every generated token")
 
-
-def _schema_converter() -> Any:
-    """llama-cpp-python's pure-Python JSON-schema-to-GBNF converter."""
-    return schema_converter()

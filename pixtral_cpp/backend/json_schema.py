@@ -1,0 +1,924 @@
+"""JSON schema -> GBNF grammar: pixtral-cpp's own converter (used by sampling.json_schema_grammar).
+
+Why not llama-cpp-python's ``json_schema_to_gbnf`` (an early copy of llama.cpp's converter): it writes
+enum/const values with ASCII escapes that GBNF then reads as lone surrogate code points (emoji come out
+as replacement characters), does not escape backslashes in literals, lets pattern text write raw `"`
+into a JSON string, refuses unanchored patterns, and silently ignores every keyword it does not know
+(minimum, maximum, uniqueItems, not, ...): the model is then told to follow a schema that its grammar
+does not enforce. Patching around it meant overriding most of its methods; this module is smaller.
+
+The rule throughout: the grammar admits only texts that are valid under the schema (it may admit fewer,
+e.g. no properties beyond the declared ones); a keyword that cannot be enforced raises SchemaError
+naming it. llama.cpp's C++ converter (common/json-schema-to-grammar.cpp) was read for the ideas only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+__all__ = ["SchemaError", "schema_to_gbnf"]
+
+
+class SchemaError(ValueError):
+    """The schema cannot be turned into a grammar; the message names the keyword and where it is."""
+
+
+# Keywords that say nothing about which texts are valid.
+_ANNOTATIONS = frozenset({
+    "title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated", "readOnly",
+    "writeOnly", "discriminator", "contentMediaType", "contentEncoding", "$defs", "definitions",
+})
+_STRING_KEYWORDS = frozenset({"minLength", "maxLength", "pattern", "format"})
+_NUMBER_KEYWORDS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
+_OBJECT_KEYWORDS = frozenset({"properties", "required", "additionalProperties", "minProperties", "maxProperties"})
+_ARRAY_KEYWORDS = frozenset({"items", "prefixItems", "minItems", "maxItems", "uniqueItems"})
+_COMBINATORS = frozenset({"anyOf", "oneOf", "allOf", "$ref"})
+_SUPPORTED = (_STRING_KEYWORDS | _NUMBER_KEYWORDS | _OBJECT_KEYWORDS | _ARRAY_KEYWORDS | _COMBINATORS
+              | {"type", "enum", "const", "nullable"})
+_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+_MAX_DIGITS = 16  # digits of an integer part (and of a fraction) when the schema sets no bound
+_RULE_NAME_CHARS = re.compile(r"[^a-zA-Z0-9-]+")
+_MAX_RULE_NAME = 40
+
+# JSON text pieces. `char` is one character of a JSON string as written: raw (never a control character,
+# which JSON forbids, nor `"` or `\`) or an escape; \u escapes of surrogates are left out so that every
+# string the grammar admits decodes to valid text.
+_PRIMITIVES = {
+    "space": '" "?',
+    "char": (r'[^"\\\x00-\x1F\x7F] | "\\" (["\\/bfnrt] | "u" ([0-9a-cA-CeEfF] [0-9a-fA-F]{3} | '
+             r'[dD] [0-7] [0-9a-fA-F]{2}))'),
+    "string": r'"\"" char* "\"" space',
+    "boolean": '("true" | "false") space',
+    "null": '"null" space',
+    "integer": f'"-"? ("0" | [1-9] [0-9]{{0,{_MAX_DIGITS - 1}}}) space',
+    "number": (f'"-"? ("0" | [1-9] [0-9]{{0,{_MAX_DIGITS - 1}}}) ("." [0-9]{{1,{_MAX_DIGITS}}})? '
+               f'([eE] [-+]? [0-9]{{1,3}})? space'),
+    "value": "object | array | string | number | boolean | null",
+    "object": '"{" space (string ":" space value ("," space string ":" space value)*)? "}" space',
+    "array": '"[" space (value ("," space value)*)? "]" space',
+    # what a regex `.` matches (no line terminator), as JSON string text
+    "dot": r'[^"\\\x00-\x1F\x7F\u2028\u2029] | "\\" (["\\/bft])',
+    "date": r'[0-9]{4} "-" ("0" [1-9] | "1" [0-2]) "-" ("0" [1-9] | [12] [0-9] | "3" [01])',
+    "time": (r'([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9] ":" [0-5] [0-9] ("." [0-9]{1,9})? '
+             r'("Z" | [+-] ([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9])'),
+}
+_PRIMITIVE_DEPENDENCIES = {"string": ["char", "space"], "value": ["object", "array", "string", "number", "boolean",
+                                                                  "null"],
+                           "object": ["string", "value", "space"], "array": ["value", "space"],
+                           "boolean": ["space"], "null": ["space"], "integer": ["space"], "number": ["space"]}
+_FORMATS = {  # format -> the string's content
+    "date": "date",
+    "time": "time",
+    "date-time": 'date "T" time',
+    "uuid": " \"-\" ".join(f"[0-9a-fA-F]{{{n}}}" for n in (8, 4, 4, 4, 12)),
+}
+_FORMAT_DEPENDENCIES = {"date": ["date"], "time": ["time"], "date-time": ["date", "time"], "uuid": []}
+
+
+def schema_to_gbnf(schema: dict[str, Any] | bool) -> str:
+    """The GBNF grammar (root rule `root`) of the JSON texts valid under ``schema``."""
+    converter = _Converter(schema)
+    converter.define("root", converter.visit(schema, "root", "#"))
+    return converter.grammar()
+
+
+class _Converter:
+    def __init__(self, root: Any) -> None:
+        self.root = root
+        self.rules: dict[str, str] = {}
+        self.ref_rules: dict[str, str] = {}  # $ref -> its rule's name (set before visiting: recursion)
+
+    # -- rules ------------------------------------------------------------------------------------
+
+    def grammar(self) -> str:
+        return "\n".join(f"{name} ::= {body}" for name, body in self.rules.items())
+
+    def define(self, name: str, body: str) -> str:
+        """Add rule `name` (made unique) with `body`; its name."""
+        base = _RULE_NAME_CHARS.sub("-", name)[:_MAX_RULE_NAME].strip("-") or "rule"
+        unique, i = base, 1
+        while unique in self.rules or unique in _PRIMITIVES:
+            if self.rules.get(unique) == body:
+                return unique
+            unique, i = f"{base}-{i}", i + 1
+        self.rules[unique] = body
+        return unique
+
+    def primitive(self, name: str) -> str:
+        if name not in self.rules:
+            self.rules[name] = _PRIMITIVES[name]
+            for dependency in _PRIMITIVE_DEPENDENCIES.get(name, ()):
+                self.primitive(dependency)
+        return name
+
+    # -- schemas ----------------------------------------------------------------------------------
+
+    def visit(self, schema: Any, name: str, where: str) -> str:
+        """A GBNF expression for the JSON values valid under `schema` (each followed by `space`)."""
+        if schema is True:
+            return self.primitive("value")
+        if schema is False:
+            raise SchemaError(f"the JSON schema at {where} is false: no value is valid")
+        if not isinstance(schema, dict):
+            raise SchemaError(f"the JSON schema at {where} must be an object or a boolean, got {_short(schema)}")
+        for keyword in schema:
+            if keyword not in _SUPPORTED and keyword not in _ANNOTATIONS and not keyword.startswith("x-"):
+                raise SchemaError(f"the JSON schema keyword {keyword!r} (at {where}) is not supported")
+        if schema.get("nullable") is True:
+            rest = {k: v for k, v in schema.items() if k != "nullable"}
+            return f"({self.visit(rest, name, where)} | {self.primitive('null')})"
+        if "$ref" in schema:
+            self._alone("$ref", schema, where)
+            return self.ref(schema["$ref"], where)
+        for keyword in ("anyOf", "oneOf"):
+            if keyword in schema:
+                return self.union(keyword, schema, name, where)
+        if "allOf" in schema:
+            return self.visit(self.merge_all_of(schema, where), name, where)
+        if "const" in schema:
+            return self.literal_value(schema["const"], f"{where}/const")
+        if "enum" in schema:
+            return self.enum(schema, where)
+        types = schema.get("type")
+        if types is None:
+            types = _implied_type(schema)
+        if isinstance(types, list):
+            if not types or not all(isinstance(t, str) for t in types):
+                raise SchemaError(f"'type' at {where} must be a type name or a non-empty list of them")
+            return "(" + " | ".join(self.typed(t, schema, name, where) for t in dict.fromkeys(types)) + ")"
+        return self.typed(types, schema, name, where)
+
+    def typed(self, kind: Any, schema: dict[str, Any], name: str, where: str) -> str:
+        if kind is None:
+            return self.primitive("value")
+        if kind not in _TYPES:
+            raise SchemaError(f"'type' at {where} must be one of {', '.join(_TYPES)}, got {_short(kind)}")
+        if kind == "object":
+            return self.object(schema, name, where)
+        if kind == "array":
+            return self.array(schema, name, where)
+        if kind == "string":
+            return self.string(schema, name, where)
+        if kind in ("number", "integer"):
+            return self.number(kind, schema, name, where)
+        return self.primitive(kind)
+
+    def ref(self, ref: Any, where: str) -> str:
+        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+            raise SchemaError(f"$ref {_short(ref)} at {where} is not supported: only references inside the "
+                              "schema ('#/$defs/Name') are")
+        if ref not in self.ref_rules:
+            target: Any = self.root
+            for part in ref[2:].split("/") if ref != "#" else ():
+                key = part.replace("~1", "/").replace("~0", "~")
+                if isinstance(target, dict) and key in target:
+                    target = target[key]
+                elif isinstance(target, list) and key.isdigit() and int(key) < len(target):
+                    target = target[int(key)]
+                else:
+                    raise SchemaError(f"$ref {ref!r} at {where} points to nothing in the schema")
+            name = self.define(ref.rsplit("/", 1)[-1] if ref != "#" else "root-ref", f"\0{ref}")  # reserved now
+            self.ref_rules[ref] = name
+            self.rules[name] = self.visit(target, name, ref)
+        return self.ref_rules[ref]
+
+    def union(self, keyword: str, schema: dict[str, Any], name: str, where: str) -> str:
+        # oneOf is written like anyOf: a value that matches two branches would be invalid, but pydantic emits
+        # oneOf only for unions told apart by a const discriminator, whose branches cannot overlap.
+        self._alone(keyword, schema, where)
+        branches = schema[keyword]
+        if not isinstance(branches, list) or not branches:
+            raise SchemaError(f"{keyword} at {where} must be a non-empty list of schemas")
+        return "(" + " | ".join(self.visit(branch, f"{name}-{i}", f"{where}/{keyword}/{i}")
+                                for i, branch in enumerate(branches)) + ")"
+
+    def merge_all_of(self, schema: dict[str, Any], where: str) -> dict[str, Any]:
+        """allOf of one schema (pydantic's way to annotate a $ref), or of object schemas merged."""
+        parts = schema["allOf"]
+        if not isinstance(parts, list) or not parts:
+            raise SchemaError(f"allOf at {where} must be a non-empty list of schemas")
+        rest = {k: v for k, v in schema.items() if k != "allOf"}
+        if len(parts) == 1 and not set(rest) - _ANNOTATIONS:
+            return parts[0]
+        merged: dict[str, Any] = {"type": "object", "properties": {}, "required": []}
+        for i, part in enumerate([*parts, rest]):
+            while isinstance(part, dict) and "$ref" in part:
+                part = self._resolve(part["$ref"], f"{where}/allOf/{i}")
+            if not isinstance(part, dict) or set(part) - _ANNOTATIONS - {"type", "properties", "required"} or \
+                    part.get("type", "object") != "object":
+                raise SchemaError(f"allOf at {where} is supported for one schema or for object schemas with "
+                                  "properties and required only")
+            merged["properties"].update(part.get("properties", {}))
+            merged["required"] += part.get("required", [])
+        return merged
+
+    def _resolve(self, ref: Any, where: str) -> Any:
+        self.ref(ref, where)  # checks it
+        target: Any = self.root
+        for part in ref[2:].split("/") if ref != "#" else ():
+            key = part.replace("~1", "/").replace("~0", "~")
+            target = target[int(key)] if isinstance(target, list) else target[key]
+        return target
+
+    @staticmethod
+    def _alone(keyword: str, schema: dict[str, Any], where: str) -> None:
+        others = sorted(set(schema) - _ANNOTATIONS - {keyword})
+        if others:
+            raise SchemaError(f"{keyword} at {where} together with {', '.join(map(repr, others))} is not supported: "
+                              f"move them into the {keyword}")
+
+    # -- constants --------------------------------------------------------------------------------
+
+    def literal_value(self, value: Any, where: str) -> str:
+        try:
+            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise SchemaError(f"the value at {where} is not JSON data: {exc}") from exc
+        return f"{gbnf_literal(text, where)} {self.primitive('space')}"
+
+    def enum(self, schema: dict[str, Any], where: str) -> str:
+        values = schema["enum"]
+        if not isinstance(values, list) or not values:
+            raise SchemaError(f"enum at {where} must be a non-empty list")
+        types = schema.get("type")
+        if types is not None:  # {"enum": [...], "type": "string"}: only the values of that type are valid
+            allowed = set(types) if isinstance(types, list) else {types}
+            values = [v for v in values if allowed & _json_types(v)]
+            if not values:
+                raise SchemaError(f"no enum value at {where} is of the type {types!r}")
+        return "(" + " | ".join(self.literal_value(v, f"{where}/enum/{i}") for i, v in enumerate(values)) + ")"
+
+    # -- objects and arrays -----------------------------------------------------------------------
+
+    def object(self, schema: dict[str, Any], name: str, where: str) -> str:
+        properties = schema.get("properties", {})
+        required = schema.get("required", [])
+        if not isinstance(properties, dict) or not isinstance(required, list):
+            raise SchemaError(f"at {where}, properties must be an object and required a list")
+        if not properties:
+            return self.map_object(schema, schema.get("additionalProperties", True), name, where)
+        missing = [key for key in required if key not in properties]
+        if missing:
+            raise SchemaError(f"required {missing[0]!r} at {where} is not among the properties: not supported")
+        n_min, n_max = _count(schema, "minProperties", where), _count(schema, "maxProperties", where, None)
+        if n_min > len(set(required)) or (n_max is not None and n_max < len(properties)):
+            raise SchemaError(f"minProperties/maxProperties at {where} can only be enforced on an object "
+                              "without properties (a map), or when the properties already satisfy them")
+        space = self.primitive("space")
+        pieces = []  # (kv rule, required?) in declared order; properties beyond them are left out (allowed)
+        for key, sub in properties.items():
+            value = self.visit(sub, f"{name}-{key}", f"{where}/properties/{key}")
+            kv = self.define(f"{name}-{key}-kv", f'{gbnf_literal(json.dumps(key, ensure_ascii=False), where)} '
+                                                 f'{space} ":" {space} {value}')
+            pieces.append((kv, key in required))
+        return f'"{{" {space} {self.property_list(pieces, name)} "}}" {space}'
+
+    def property_list(self, pieces: list[tuple[str, bool]], name: str) -> str:
+        """The properties in order, each optional one present or not, commas between those present."""
+        def piece(kv: str, needed: bool) -> str:  # a property after one already written
+            return f'"," space {kv}' if needed else f'("," space {kv})?'
+        first_required = next((i for i, (_, needed) in enumerate(pieces) if needed), len(pieces))
+        if first_required == 0:
+            return " ".join([pieces[0][0], *(piece(kv, needed) for kv, needed in pieces[1:])])
+        # Leading optional properties: the first one written is any of them, or the first required one. What
+        # may follow property i is rule tails[i + 1], defined from the end so that each is written once.
+        last = min(first_required, len(pieces) - 1)
+        tails = {last + 1: " ".join(piece(kv, needed) for kv, needed in pieces[last + 1:])}
+        if tails[last + 1]:
+            tails[last + 1] = self.define(f"{name}-after-{last}", tails[last + 1])
+        for i in range(last, 0, -1):
+            tails[i] = self.define(f"{name}-after-{i - 1}", f"{piece(*pieces[i])} {tails[i + 1]}".strip())
+        body = " | ".join(f"{pieces[i][0]} {tails[i + 1]}".strip() for i in range(last + 1))
+        return f"({body})" if first_required < len(pieces) else f"({body})?"
+
+    def map_object(self, schema: dict[str, Any], extra: Any, name: str, where: str) -> str:
+        """An object of any keys (the required ones first), each value valid under additionalProperties."""
+        space = self.primitive("space")
+        required = list(dict.fromkeys(schema.get("required", [])))
+        if extra is False:
+            if required:
+                raise SchemaError(f"required {required[0]!r} at {where} is not among the properties, and no "
+                                  "other property is allowed")
+            return f'"{{" {space} "}}" {space}'
+        value = self.visit(extra if isinstance(extra, dict) else True, f"{name}-value",
+                           f"{where}/additionalProperties")
+        kv = self.define(f"{name}-kv", f'{self.primitive("string")} ":" {space} {value}')
+        sep = f'"," {space}'
+        fixed = [f'{gbnf_literal(json.dumps(k, ensure_ascii=False), where)} {space} ":" {space} {value}'
+                 for k in required]
+        n_min = _count(schema, "minProperties", where)
+        n_max = _count(schema, "maxProperties", where, None)
+        if n_max is not None and n_max < max(n_min, len(fixed)):
+            raise SchemaError(f"maxProperties at {where} is below minProperties or the required properties")
+        return f'"{{" {space} {self.list_of(fixed, kv, sep, n_min, n_max)} "}}" {space}'
+
+    @staticmethod
+    def list_of(fixed: list[str], item: str, sep: str, n_min: int, n_max: int | None) -> str:
+        """The `fixed` elements, then `item`s up to n_min..n_max elements in all, `sep` between them."""
+        rest_min = max(n_min - len(fixed), 0)
+        rest_max = None if n_max is None else n_max - len(fixed)
+        if not fixed:
+            return separated(item, sep, rest_min, rest_max)
+        more = repeat(f"({sep} {item})", rest_min, rest_max)
+        return " ".join(filter(None, [f" {sep} ".join(fixed), more]))
+
+    def array(self, schema: dict[str, Any], name: str, where: str) -> str:
+        if schema.get("uniqueItems") is True:
+            raise SchemaError(f"uniqueItems (at {where}) cannot be enforced by a grammar")
+        prefix, items = schema.get("prefixItems", []), schema.get("items")
+        if isinstance(items, list):  # drafts 4 to 2019-09 write tuples this way
+            prefix, items = items, schema.get("additionalItems")
+        if not isinstance(prefix, list):
+            raise SchemaError(f"prefixItems at {where} must be a list of schemas")
+        n_min, n_max = _count(schema, "minItems", where), _count(schema, "maxItems", where, None)
+        if n_max is not None and n_max < n_min:
+            raise SchemaError(f"maxItems {n_max} at {where} is below minItems {n_min}: no array is valid")
+        space = self.primitive("space")
+        # An array may be shorter than its prefixItems; writing all of them (up to maxItems) is valid.
+        fixed = [self.visit(sub, f"{name}-{i}", f"{where}/prefixItems/{i}") for i, sub in enumerate(prefix)]
+        fixed = fixed[:n_max] if n_max is not None else fixed
+        if items is None and prefix:  # items beyond the prefix may be anything: write only those needed
+            items, n_max = True, max(n_min, len(fixed))
+        if items is False:
+            if n_min > len(fixed):
+                raise SchemaError(f"minItems {n_min} at {where} asks for more items than prefixItems allows")
+            n_max = len(fixed)
+        item = "" if n_max == len(fixed) else self.visit(True if items is None else items, f"{name}-item",
+                                                         f"{where}/items")
+        elements = self.list_of(fixed, item, f'"," {space}', n_min, n_max)
+        return f'"[" {space} {elements} "]" {space}'
+
+    # -- strings ----------------------------------------------------------------------------------
+
+    def string(self, schema: dict[str, Any], name: str, where: str) -> str:
+        n_min, n_max = _count(schema, "minLength", where), _count(schema, "maxLength", where, None)
+        if n_max is not None and n_max < n_min:
+            raise SchemaError(f"maxLength {n_max} at {where} is below minLength {n_min}: no string is valid")
+        space = self.primitive("space")
+        fmt, pattern = schema.get("format"), schema.get("pattern")
+        if fmt is not None or pattern is not None:
+            for keyword in ("minLength", "maxLength"):
+                if keyword in schema:
+                    raise SchemaError(f"{keyword} at {where} together with {'format' if fmt else 'pattern'} cannot "
+                                      "be enforced: put the length into the pattern")
+        if fmt is not None and pattern is not None:
+            raise SchemaError(f"format together with pattern at {where} is not supported")
+        if fmt is not None:
+            if fmt not in _FORMATS:
+                raise SchemaError(f"the string format {_short(fmt)} (at {where}) is not supported; supported: "
+                                  f"{', '.join(_FORMATS)} (or describe the text with a pattern)")
+            for dependency in _FORMAT_DEPENDENCIES[fmt]:
+                self.primitive(dependency)
+            return f'"\\"" {_FORMATS[fmt]} "\\"" {space}'
+        if pattern is not None:
+            if not isinstance(pattern, str):
+                raise SchemaError(f"pattern at {where} must be a string")
+            return f'"\\"" {self.define(f"{name}-pattern", pattern_gbnf(pattern, self, where))} "\\"" {space}'
+        if n_min == 0 and n_max is None:
+            return self.primitive("string")
+        return f'"\\"" {repeat(self.primitive("char"), n_min, n_max)} "\\"" {space}'
+
+    # -- numbers ----------------------------------------------------------------------------------
+
+    def number(self, kind: str, schema: dict[str, Any], name: str, where: str) -> str:
+        if "multipleOf" in schema:
+            raise SchemaError(f"multipleOf (at {where}) cannot be enforced")
+        low, low_open = _bound(schema, "minimum", "exclusiveMinimum", max, where)
+        high, high_open = _bound(schema, "maximum", "exclusiveMaximum", min, where)
+        if low is None and high is None:
+            return self.primitive(kind)
+        space = self.primitive("space")
+        if kind == "integer":
+            lo = None if low is None else math.floor(low) + 1 if low_open else math.ceil(low)
+            hi = None if high is None else math.ceil(high) - 1 if high_open else math.floor(high)
+            if lo is not None and hi is not None and lo > hi:
+                raise SchemaError(f"no integer satisfies the bounds at {where}")
+            return f"{self.define(f'{name}-range', integer_range(lo, hi))} {space}"
+        for value, keyword in ((low, "exclusiveMinimum" if low_open else "minimum"),
+                               (high, "exclusiveMaximum" if high_open else "maximum")):
+            if value is not None and value != math.floor(value):
+                raise SchemaError(f"{keyword} {value} at {where}: on a number only whole bounds can be enforced "
+                                  "(use a whole bound, or an integer type)")
+        expression = number_range(None if low is None else int(low), low_open,
+                                  None if high is None else int(high), high_open)
+        if not expression:
+            raise SchemaError(f"no number satisfies the bounds at {where}")
+        return f"{self.define(f'{name}-range', expression)} {space}"
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _json_types(value: Any) -> set[str]:
+    if value is None:
+        return {"null"}
+    if isinstance(value, bool):
+        return {"boolean"}
+    if isinstance(value, int):
+        return {"integer", "number"}
+    if isinstance(value, float):
+        return {"number", "integer"} if value.is_integer() else {"number"}
+    if isinstance(value, str):
+        return {"string"}
+    return {"array"} if isinstance(value, list) else {"object"}
+
+
+def _implied_type(schema: dict[str, Any]) -> str | None:
+    """A schema without `type` whose keywords belong to one kind: that kind (a valid subset)."""
+    for kind, keywords in (("object", _OBJECT_KEYWORDS), ("array", _ARRAY_KEYWORDS), ("string", _STRING_KEYWORDS),
+                           ("number", _NUMBER_KEYWORDS)):
+        if keywords & set(schema):
+            return kind
+    return None
+
+
+def _count(schema: dict[str, Any], keyword: str, where: str, default: int | None = 0) -> Any:
+    value = schema.get(keyword, default)
+    if value is default:
+        return value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise SchemaError(f"{keyword} at {where} must be an integer >= 0, got {_short(value)}")
+    return value
+
+
+def _bound(schema: dict[str, Any], inclusive: str, exclusive: str, tighter: Any, where: str
+           ) -> tuple[float | None, bool]:
+    """The tighter of the inclusive and exclusive bound: (value, is it exclusive?)."""
+    found: list[tuple[float, bool]] = []
+    for keyword, is_open in ((inclusive, False), (exclusive, True)):
+        value = schema.get(keyword)
+        if value is None:
+            continue
+        if isinstance(value, bool) and keyword == exclusive:  # draft 4: a flag on the inclusive bound
+            if value and schema.get(inclusive) is not None:
+                found = [(schema[inclusive], True)]
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SchemaError(f"{keyword} at {where} must be a number, got {_short(value)}")
+        found.append((value, is_open))
+    if not found:
+        return None, False
+    best = tighter(value for value, _ in found)
+    return best, any(is_open for value, is_open in found if value == best)
+
+
+def gbnf_literal(text: str, where: str) -> str:
+    """``text`` as a GBNF string literal."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append("\\t")
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\x{code:02X}")
+        elif 0xD800 <= code <= 0xDFFF:
+            raise SchemaError(f"the text at {where} holds a lone surrogate (U+{code:04X}), which is not valid text")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def repeat(item: str, n_min: int, n_max: int | None) -> str:
+    """`item` n_min to n_max times (None: no limit), written out: llama.cpp's own x{m,n} caps n at 2000
+    and reads a larger one as "no limit"."""
+    out = [item] * n_min
+    if n_max is None:
+        out.append(f"{item}*")
+    elif n_max > n_min:
+        optional = n_max - n_min
+        out.append(f"({item} " * (optional - 1) + f"({item})?" + ")?" * (optional - 1))
+    return " ".join(out)
+
+
+def separated(item: str, sep: str, n_min: int, n_max: int | None) -> str:
+    """n_min to n_max `item`s with `sep` between them."""
+    if n_max == 0:
+        return ""
+    rest = repeat(f"({sep} {item})", max(n_min - 1, 0), None if n_max is None else n_max - 1)
+    return f"{item} {rest}".strip() if n_min else f"({item} {rest})?"
+
+
+# -- numeric ranges --------------------------------------------------------------------------------------
+
+
+def integer_range(lo: int | None, hi: int | None) -> str:
+    """The integers in [lo, hi] (None: unbounded) as JSON text (no "-0", no leading zeros)."""
+    alternatives = []
+    if hi is None or hi >= 0:
+        alternatives.append(_whole(max(lo, 0) if lo is not None else 0, hi))
+    if lo is None or lo < 0:
+        magnitudes = _whole(1 if hi is None or hi >= 0 else -hi, None if lo is None else -lo)
+        alternatives.append(f'"-" ({magnitudes})')
+    return " | ".join(alternatives)
+
+
+def number_range(lo: int | None, lo_open: bool, hi: int | None, hi_open: bool) -> str:
+    """The numbers in the range with whole bounds (exponents left out), as JSON text; "" when none."""
+    alternatives = []
+    if hi is None or hi > 0 or (hi == 0 and not hi_open):
+        start, start_open = (lo, lo_open) if lo is not None and lo >= 0 else (0, False)
+        alternatives.append(_magnitude(start, start_open, hi, hi_open))
+    if lo is None or lo < 0:
+        start, start_open = (-hi, hi_open) if hi is not None and hi < 0 else (0, True)
+        negative = _magnitude(start, start_open, None if lo is None else -lo, lo_open)
+        alternatives.append(f'"-" ({negative})' if negative else "")
+    return " | ".join(a for a in alternatives if a)
+
+
+_FRACTION = f'("." [0-9]{{1,{_MAX_DIGITS}}})?'
+_ZERO_FRACTION = f'("." "0"{{1,{_MAX_DIGITS}}})?'
+_NONZERO_FRACTION = f'"." "0"{{0,{_MAX_DIGITS - 1}}} [1-9] [0-9]{{0,{_MAX_DIGITS - 1}}}'
+
+
+def _magnitude(a: int, a_open: bool, b: int | None, b_open: bool) -> str:
+    """Numbers x >= 0 with a <(=) x <(=) b, written without a sign."""
+    alternatives = []
+    # whole part in [a, b - 1] (past a when a is excluded): any fraction keeps x below b
+    first, last = a + 1 if a_open else a, None if b is None else b - 1
+    if last is None or first <= last:
+        alternatives.append(f"({_whole(first, last)}) {_FRACTION}")
+    if a_open and (b is None or a < b):  # a itself with a fraction above zero
+        alternatives.append(f'"{a}" {_NONZERO_FRACTION}')
+    if b is not None and not b_open and (b > a or (b == a and not a_open)):  # b itself
+        alternatives.append(f'"{b}" {_ZERO_FRACTION}')
+    return " | ".join(alternatives)
+
+
+def _whole(a: int, b: int | None) -> str:
+    """Whole numbers a..b in decimal (a >= 0; b None: up to _MAX_DIGITS digits, or as many as a has)."""
+    low_digits = len(str(a))
+    top_digits = len(str(b)) if b is not None else max(_MAX_DIGITS, low_digits)
+    if b is not None and low_digits == top_digits:
+        return _same_length(str(a), str(b))
+    alternatives = [_same_length(str(a), "9" * low_digits)]
+    full_lengths = top_digits - low_digits - (1 if b is not None else 0)  # lengths where every number counts
+    if full_lengths > 0:
+        alternatives.append(f"[1-9] [0-9]{{{low_digits},{low_digits + full_lengths - 1}}}")
+    if b is not None:
+        alternatives.append(_same_length("1" + "0" * (top_digits - 1), str(b)))
+    return " | ".join(alternatives)
+
+
+def _same_length(lo: str, hi: str) -> str:
+    """Decimal strings of equal length between lo and hi."""
+    if lo == hi:
+        return f'"{lo}"'
+    rest = len(lo) - 1
+    if lo[0] == hi[0]:
+        return f'"{lo[0]}" ({_same_length(lo[1:], hi[1:])})'
+    low_full, high_full = lo[1:] == "0" * rest, hi[1:] == "9" * rest
+    start = int(lo[0]) if low_full else int(lo[0]) + 1
+    end = int(hi[0]) if high_full else int(hi[0]) - 1
+    tail = f" [0-9]{{{rest}}}" if rest else ""
+    alternatives = []
+    if not low_full:
+        alternatives.append(f'"{lo[0]}" ({_same_length(lo[1:], "9" * rest)})')
+    if start <= end:
+        alternatives.append(f"[{start}-{end}]{tail}" if start < end else f'"{start}"{tail}')
+    if not high_full:
+        alternatives.append(f'"{hi[0]}" ({_same_length("0" * rest, hi[1:])})')
+    return " | ".join(alternatives)
+
+
+
+# -- patterns: ECMAScript regular expressions (what JSON Schema uses) as GBNF over JSON string text -----
+
+# Characters a JSON string cannot hold raw; in a pattern's classes they are written as escapes.
+_RAW_FORBIDDEN = [(0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C), (0x7F, 0x7F)]
+# The escapes written for those a class admits (other control characters: none, which admits fewer).
+_ESCAPED = {code: gbnf_literal(json.dumps(chr(code))[1:-1], "") for code in (0x22, 0x5C, 0x0A, 0x0D, 0x09, 0x08, 0x0C)}
+_DIGIT = [(0x30, 0x39)]
+_WORD = [(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)]
+_SPACE = [(0x09, 0x0D), (0x20, 0x20), (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A), (0x2028, 0x2029),
+          (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000), (0xFEFF, 0xFEFF)]
+_CLASS_ESCAPES = {"d": (_DIGIT, False), "D": (_DIGIT, True), "w": (_WORD, False), "W": (_WORD, True),
+                  "s": (_SPACE, False), "S": (_SPACE, True)}
+_CHAR_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "f": "\f", "v": "\v", "0": "\0"}
+_QUANTIFIER = re.compile(r"\{(\d+)(,(\d*))?\}")
+_BRACED_CODE = re.compile(r"\{([0-9a-fA-F]{1,6})\}")
+
+
+def pattern_gbnf(pattern: str, converter: _Converter, where: str) -> str:
+    """GBNF for the JSON text of the strings that ``pattern`` matches somewhere (JSON Schema patterns are
+    unanchored: "[a-z]+" means "holds a lowercase letter"; ^ and $ anchor a branch at the start or end)."""
+    parser = _Regex(pattern, where)
+    tree = parser.alternation()
+    if parser.i < len(pattern):
+        raise SchemaError(f"pattern {_short(pattern)} at {where} has an unmatched ')'")
+    writer = _RegexWriter(converter, where)
+    branches = []
+    for sequence in tree[1]:
+        items = list(sequence[1])
+        anchored_start = bool(items) and items[0] == ("^",)
+        anchored_end = len(items) > int(anchored_start) and items[-1] == ("$",)
+        items = items[int(anchored_start):len(items) - int(anchored_end)]
+        padding = f"{converter.primitive('char')}*"
+        parts = [] if anchored_start else [padding]
+        parts.append(writer.write(("seq", items)))
+        parts += [] if anchored_end else [padding]
+        branches.append(" ".join(p for p in parts if p != '""') or '""')
+    return " | ".join(branches)
+
+
+class _Regex:
+    """A parser of the ECMAScript regex subset that a grammar can express, into tuples:
+    ("alt", [seq]), ("seq", [node]), ("char", code), ("set", ranges, negated), (".",), ("^",), ("$",),
+    ("rep", node, min, max or None), ("group", alt)."""
+
+    def __init__(self, pattern: str, where: str) -> None:
+        self.p, self.i, self.where = pattern, 0, where
+
+    def fail(self, what: str) -> SchemaError:
+        return SchemaError(f"pattern {_short(self.p)} at {self.where}: {what} is not supported")
+
+    def alternation(self) -> tuple:
+        sequences = [self.sequence()]
+        while self.i < len(self.p) and self.p[self.i] == "|":
+            self.i += 1
+            sequences.append(self.sequence())
+        return ("alt", sequences)
+
+    def sequence(self) -> tuple:
+        items: list[tuple] = []
+        while self.i < len(self.p) and self.p[self.i] not in "|)":
+            items.append(self.quantified(self.atom()))
+        return ("seq", items)
+
+    def atom(self) -> tuple:
+        c = self.p[self.i]
+        self.i += 1
+        if c == "(":
+            if self.p.startswith("?:", self.i):
+                self.i += 2
+            elif self.p.startswith("?<", self.i) and self.p[self.i + 2:self.i + 3] not in ("=", "!"):
+                close = self.p.find(">", self.i)
+                if close < 0:
+                    raise self.fail("an unterminated group name")
+                self.i = close + 1
+            elif self.p.startswith("?", self.i):
+                raise self.fail(f"the group '(?{self.p[self.i + 1:self.i + 2]}' (lookaround or flags)")
+            inner = self.alternation()
+            if self.i >= len(self.p) or self.p[self.i] != ")":
+                raise SchemaError(f"pattern {_short(self.p)} at {self.where} has an unclosed '('")
+            self.i += 1
+            return ("group", inner)
+        if c == "[":
+            return self.char_class()
+        if c in ".^$":
+            return (c,)
+        if c == "\\":
+            return self.escape(in_class=False)
+        if c in "*+?" or (c == "{" and _QUANTIFIER.match(self.p, self.i - 1)):
+            raise SchemaError(f"pattern {_short(self.p)} at {self.where}: nothing to repeat before {c!r}")
+        return ("char", ord(c))
+
+    def quantified(self, atom: tuple) -> tuple:
+        if self.i >= len(self.p):
+            return atom
+        c, counts = self.p[self.i], None
+        if c in "*+?":
+            self.i += 1
+            counts = {"*": (0, None), "+": (1, None), "?": (0, 1)}[c]
+        elif c == "{" and (match := _QUANTIFIER.match(self.p, self.i)):
+            self.i = match.end()
+            low = int(match.group(1))
+            high = low if match.group(2) is None else int(match.group(3)) if match.group(3) else None
+            if high is not None and high < low:
+                raise SchemaError(f"pattern {_short(self.p)} at {self.where}: {match.group(0)} is out of order")
+            counts = (low, high)
+        if counts is None:
+            return atom
+        if atom[0] in ("^", "$"):
+            raise SchemaError(f"pattern {_short(self.p)} at {self.where}: an anchor cannot be repeated")
+        if self.i < len(self.p) and self.p[self.i] == "?":
+            self.i += 1  # lazy: the same strings match
+        if self.i < len(self.p) and (self.p[self.i] in "*+?" or _QUANTIFIER.match(self.p, self.i)):
+            raise SchemaError(f"pattern {_short(self.p)} at {self.where}: nothing to repeat before "
+                              f"{self.p[self.i]!r}")
+        return ("rep", atom, *counts)
+
+    def escape(self, *, in_class: bool) -> tuple:
+        if self.i >= len(self.p):
+            raise SchemaError(f"pattern {_short(self.p)} at {self.where} ends with a lone backslash")
+        c = self.p[self.i]
+        self.i += 1
+        if c in _CLASS_ESCAPES:
+            ranges, negated = _CLASS_ESCAPES[c]
+            return ("set", ranges, negated)
+        if c in _CHAR_ESCAPES:
+            return ("char", ord(_CHAR_ESCAPES[c].encode().decode("unicode_escape")))
+        if c == "b" and in_class:
+            return ("char", 0x08)
+        if c in "bB":
+            raise self.fail("a word boundary (\\b, \\B)")
+        if c.isdigit():
+            raise self.fail("a backreference")
+        if c == "x" and re.fullmatch(r"[0-9a-fA-F]{2}", self.p[self.i:self.i + 2]):
+            self.i += 2
+            return ("char", int(self.p[self.i - 2:self.i], 16))
+        if c == "u":
+            return ("char", self.unicode_escape())
+        if c.isalnum():
+            raise self.fail(f"the escape \\{c}")
+        return ("char", ord(c))
+
+    def unicode_escape(self) -> int:
+        match = _BRACED_CODE.match(self.p, self.i)
+        if match and int(match.group(1), 16) < 0x110000:
+            self.i = match.end()
+            return int(match.group(1), 16)
+        if not re.fullmatch(r"[0-9a-fA-F]{4}", self.p[self.i:self.i + 4]):
+            raise self.fail("a malformed \\u escape")
+        code = int(self.p[self.i:self.i + 4], 16)
+        self.i += 4
+        low = self.p[self.i + 2:self.i + 6] if self.p.startswith("\\u", self.i) else ""
+        if 0xD800 <= code < 0xDC00 and re.fullmatch(r"[dD][c-fC-F][0-9a-fA-F]{2}", low):
+            self.i += 6  # a surrogate pair: one character beyond the BMP
+            return 0x10000 + ((code - 0xD800) << 10) + (int(low, 16) - 0xDC00)
+        if 0xD800 <= code <= 0xDFFF:
+            raise self.fail("a lone surrogate escape (not valid text)")
+        return code
+
+    def char_class(self) -> tuple:
+        negated = self.p.startswith("^", self.i)
+        self.i += int(negated)
+        ranges: list[tuple[int, int]] = []
+        first = True
+        while True:
+            if self.i >= len(self.p):
+                raise SchemaError(f"pattern {_short(self.p)} at {self.where} has an unclosed '['")
+            if self.p[self.i] == "]" and not (first and False):
+                self.i += 1
+                break
+            first = False
+            low = self.class_member()
+            if isinstance(low, list):
+                ranges += low
+                continue
+            if self.p.startswith("-", self.i) and not self.p.startswith("-]", self.i):
+                self.i += 1
+                high = self.class_member()
+                if isinstance(high, list) or high < low:
+                    raise SchemaError(f"pattern {_short(self.p)} at {self.where} has a bad class range")
+                ranges.append((low, high))
+            else:
+                ranges.append((low, low))
+        return ("set", ranges, negated)
+
+    def class_member(self) -> int | list[tuple[int, int]]:
+        c = self.p[self.i]
+        self.i += 1
+        if c != "\\":
+            return ord(c)
+        node = self.escape(in_class=True)
+        if node[0] == "set":
+            if node[2]:
+                raise self.fail("a negated escape (\\D, \\W, \\S) inside a class")
+            return list(node[1])
+        return node[1]
+
+
+class _RegexWriter:
+    """Writes a parsed pattern as GBNF over the JSON text of the string (escapes where JSON needs them)."""
+
+    def __init__(self, converter: _Converter, where: str) -> None:
+        self.converter, self.where = converter, where
+
+    def write(self, node: tuple) -> str:
+        kind = node[0]
+        if kind == "alt":
+            return " | ".join(self.write(seq) for seq in node[1])
+        if kind == "seq":
+            out, text = [], ""
+            for item in node[1]:
+                if item[0] == "char":  # runs of plain characters become one literal
+                    text += json.dumps(chr(item[1]), ensure_ascii=False)[1:-1]
+                    continue
+                if text:
+                    out.append(gbnf_literal(text, self.where))
+                    text = ""
+                out.append(self.write(item))
+            if text:
+                out.append(gbnf_literal(text, self.where))
+            return " ".join(out) or '""'
+        if kind == "char":
+            return gbnf_literal(json.dumps(chr(node[1]), ensure_ascii=False)[1:-1], self.where)
+        if kind == ".":
+            return self.converter.primitive("dot")
+        if kind == "group":
+            return f"({self.write(node[1])})"
+        if kind == "set":
+            return self.char_set(node[1], node[2])
+        if kind == "rep":
+            item = self.write(node[1])
+            if not re.fullmatch(r'[a-zA-Z0-9-]+|"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]|\(.*\)', item) \
+                    or (item.startswith("(") and not _balanced_group(item)):
+                item = f"({item})"
+            return repeat(item, node[2], node[3])
+        raise SchemaError(f"pattern at {self.where}: the anchor {kind!r} is supported only at the start or end "
+                          "of the pattern (or of a top-level branch)")
+
+    def char_set(self, ranges: list[tuple[int, int]], negated: bool) -> str:
+        covered = _merge(ranges)
+        if negated:
+            raw = "[^" + "".join(_class_range(lo, hi) for lo, hi in _merge(covered + _RAW_FORBIDDEN)) + "]"
+            escapes = [text for code, text in _ESCAPED.items() if not _contains(covered, code)]
+        else:
+            allowed = _subtract(covered, _RAW_FORBIDDEN)
+            raw = "[" + "".join(_class_range(lo, hi) for lo, hi in allowed) + "]" if allowed else ""
+            escapes = [text for code, text in _ESCAPED.items() if _contains(covered, code)]
+        choices = [raw] if raw else []
+        choices += escapes
+        if not choices:
+            raise SchemaError(f"a pattern class at {self.where} matches no character a JSON string can hold")
+        return choices[0] if len(choices) == 1 else "(" + " | ".join(choices) + ")"
+
+
+def _balanced_group(text: str) -> bool:
+    """Whether `text`, starting with '(', is one group (its first '(' closes at the end)."""
+    depth, in_literal, in_class, i = 0, False, False, 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if in_literal:
+            in_literal = c != '"'
+        elif in_class:
+            in_class = c != "]"
+        elif c == '"':
+            in_literal = True
+        elif c == "[":
+            in_class = True
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth == 0 and i != len(text) - 1:
+                return False
+        i += 1
+    return True
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+def _subtract(ranges: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out = []
+    for lo, hi in ranges:
+        for hole_lo, hole_hi in holes:
+            if hole_hi < lo or hole_lo > hi:
+                continue
+            if hole_lo > lo:
+                out.append((lo, hole_lo - 1))
+            lo = hole_hi + 1
+            if lo > hi:
+                break
+        if lo <= hi:
+            out.append((lo, hi))
+    return out
+
+
+def _contains(ranges: list[tuple[int, int]], code: int) -> bool:
+    return any(lo <= code <= hi for lo, hi in ranges)
+
+
+def _class_char(code: int) -> str:
+    if 0xD800 <= code <= 0xDFFF:
+        raise SchemaError("a pattern class holds a surrogate code point, which is not valid text")
+    if chr(code) in "\\]^-[":
+        return "\\" + chr(code)
+    if code < 0x20 or code == 0x7F:
+        return f"\\x{code:02X}"
+    return chr(code)
+
+
+def _class_range(lo: int, hi: int) -> str:
+    if 0xD800 <= hi and lo <= 0xDFFF:  # a range across the surrogates: the text characters on both sides
+        parts = [(lo, min(hi, 0xD7FF)), (max(lo, 0xE000), hi)]
+        return "".join(_class_range(a, b) for a, b in parts if a <= b)
+    return _class_char(lo) if lo == hi else f"{_class_char(lo)}-{_class_char(hi)}"
