@@ -7,15 +7,16 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 try:
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
     from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
@@ -25,6 +26,7 @@ except ImportError as exc:  # an optional dependency
 
 from pixtral_cpp.errors import PixtralError, ServerBusyError, ServerShuttingDownError
 from pixtral_cpp.results import Chunk, GenerationStats
+from pixtral_cpp.server.completions import CompletionFormat, parse_completion_request
 from pixtral_cpp.server.config import ServerConfig, is_loopback
 from pixtral_cpp.server.protocol import (
     RequestError,
@@ -33,13 +35,26 @@ from pixtral_cpp.server.protocol import (
     parse_chat_request,
     request_error_from,
 )
-from pixtral_cpp.server.responses import ResponseHeader, finish_reason, model_object, sse_event, usage
+from pixtral_cpp.server.responses import ChatFormat, ResponseHeader, model_object
+from pixtral_cpp.server.responses_api import ResponsesFormat, ResponseStore, parse_responses_request
 from pixtral_cpp.server.worker import GenerationWorker, Job
 
 logger = logging.getLogger(__name__)
 
 CLIENT_CLOSED = 499  # nginx's status for "the client went away"; nobody reads it, the log does
 DRAIN_FACTOR = 4  # an oversized body is read (and dropped) up to 4x the limit, see _read_body
+OPEN_PATHS = ("/health",)  # answered without the API key: probes and load balancers cannot send one
+CORS_MAX_AGE = 600  # seconds a browser may keep a preflight's answer
+
+
+class AnswerFormat(Protocol):
+    """How one protocol writes an answer: whole (`completion`) or as server-sent events."""
+
+    def completion(self, text: str, stats: GenerationStats) -> dict[str, Any]: ...
+    def opening(self) -> list[bytes]: ...
+    def delta(self, text: str) -> list[bytes]: ...
+    def closing(self, text: str, stats: GenerationStats) -> list[bytes]: ...
+    def failure(self, error: dict[str, Any]) -> list[bytes]: ...
 
 
 def create_app(model: Any, config: ServerConfig | None = None, *, bind_host: str = "127.0.0.1") -> Starlette:
@@ -60,16 +75,40 @@ def create_app(model: Any, config: ServerConfig | None = None, *, bind_host: str
         finally:
             await run_in_threadpool(worker.stop)  # joins the thread: not on the event loop
 
+    # Outermost first: paths lose a trailing slash, CORS answers preflights (a browser sends them without
+    # the key) and adds its headers to every answer, then the Host and key gate.
+    cors = [Middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                       allow_headers=["*"], max_age=CORS_MAX_AGE)] if config.cors_origins else []
     app = Starlette(
         routes=[Route("/health", endpoints.health, methods=["GET"]),
                 Route("/v1/models", endpoints.models, methods=["GET"]),
                 Route("/v1/models/{model_id:path}", endpoints.model, methods=["GET"]),
-                Route("/v1/chat/completions", endpoints.chat_completions, methods=["POST"])],
-        middleware=[Middleware(_Gate, config=config, loopback_only=is_loopback(bind_host))],
+                Route("/v1/chat/completions", endpoints.chat_completions, methods=["POST"]),
+                Route("/v1/completions", endpoints.completions, methods=["POST"]),
+                Route("/v1/responses", endpoints.responses, methods=["POST"]),
+                Route("/v1/responses/{response_id}", endpoints.stored_response, methods=["GET"])],
+        middleware=[Middleware(_WithoutTrailingSlash), *cors,
+                    Middleware(_Gate, config=config, loopback_only=is_loopback(bind_host))],
         exception_handlers={HTTPException: _http_error},
         lifespan=lifespan)
+    app.router.redirect_slashes = False  # never a 307: clients do not all follow it for a POST
     app.state.worker = worker
     return app
+
+
+class _WithoutTrailingSlash:
+    """`/v1/chat/completions/` is `/v1/chat/completions`: some clients join a base URL and a path that way."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path.rstrip("/") or "/"}
+            if isinstance(scope.get("raw_path"), bytes):
+                scope["raw_path"] = scope["raw_path"].rstrip(b"/") or b"/"
+        await self.app(scope, receive, send)
 
 
 class _Gate:
@@ -86,7 +125,8 @@ class _Gate:
             headers = dict(scope["headers"])  # raw (name, value) bytes; names are lower case
             try:
                 check_host(headers.get(b"host"), loopback_only=self.loopback_only, allowed_hosts=self.allowed_hosts)
-                self._check_key(headers.get(b"authorization", b""))
+                if scope["path"] not in OPEN_PATHS:
+                    self._check_key(headers.get(b"authorization", b""))
             except RequestError as error:
                 extra = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
                 await _error_response(error, extra)(scope, receive, send)
@@ -119,6 +159,7 @@ class _Endpoints:
     def __init__(self, worker: GenerationWorker, config: ServerConfig, max_image_size: int) -> None:
         self.worker, self.config, self.max_image_size = worker, config, max_image_size
         self.started = int(time.time())
+        self.store = ResponseStore(config.max_stored_responses, config.max_stored_image_bytes)
         # held by parse_chat_request in a pool thread while it decodes a request's images
         self.decoding_gate = threading.BoundedSemaphore(config.max_concurrent_decodes)
 
@@ -131,20 +172,54 @@ class _Endpoints:
         return JSONResponse({"object": "list", "data": [model_object(self.config, self.started)]})
 
     async def model(self, request: Request) -> Response:
-        if request.path_params["model_id"] != self.config.model_id:
-            return _error_response(RequestError(404, f"the model {request.path_params['model_id']!r} does "
-                                                f"not exist; this server serves {self.config.model_id!r}",
-                                                code="model_not_found"))
+        name = request.path_params["model_id"]
+        if not self.config.serves(name):
+            names = ", ".join(repr(name) for name in self.config.model_names)
+            return _error_response(RequestError(404, f"the model {name[:100]!r} does not exist; this server "
+                                                f"serves {names}", code="model_not_found"))
         return JSONResponse(model_object(self.config, self.started))
 
     async def chat_completions(self, request: Request) -> Response:
+        def parse(body: bytes) -> Any:
+            return parse_chat_request(body, self.config, self.decoding_gate, max_image_size=self.max_image_size)
+
+        def answer_format(parsed: Any) -> AnswerFormat:
+            return ChatFormat(ResponseHeader.new(self.config.model_id), parsed.include_usage)
+
+        return await self._generate(request, parse, answer_format)
+
+    async def completions(self, request: Request) -> Response:
+        def parse(body: bytes) -> Any:
+            return parse_completion_request(body, self.config)
+
+        return await self._generate(request, parse, lambda parsed: CompletionFormat(parsed, self.config.model_id))
+
+    async def responses(self, request: Request) -> Response:
+        def parse(body: bytes) -> Any:
+            return parse_responses_request(body, self.config, self.store, self.decoding_gate,
+                                           max_image_size=self.max_image_size)
+
+        return await self._generate(request, parse,
+                                    lambda parsed: ResponsesFormat(parsed, self.config.model_id, self.store))
+
+    async def stored_response(self, request: Request) -> Response:
+        response_id = request.path_params["response_id"]
+        response = self.store.response(response_id)
+        if response is None:
+            return _error_response(RequestError(404, f"no response {response_id[:80]!r} is kept by this server",
+                                                code="not_found"))
+        return JSONResponse(response)
+
+    async def _generate(self, request: Request, parse: Callable[[bytes], Any],
+                        answer_format: Callable[[Any], AnswerFormat]) -> Response:
+        """Admit, read, parse (in a pool thread) and queue one request, then answer it in its format.
+        `parse` gives an object with `messages`, `options` and `stream`."""
         job, slot = None, None
         try:
             check_json_content_type(request.headers.get("content-type"))
             slot = self.worker.admit()  # before reading megabytes of body: over the limit is 503 at once
             body = await _read_body(request, self.config.max_body_bytes)
-            parsed = await run_in_threadpool(parse_chat_request, body, self.config, self.decoding_gate,
-                                             max_image_size=self.max_image_size)
+            parsed = await run_in_threadpool(parse, body)
             job = self.worker.submit(slot, parsed.messages, parsed.options)
         except ClientDisconnect:
             logger.info("client went away while sending its request")
@@ -154,9 +229,9 @@ class _Endpoints:
         finally:
             if job is None and slot is not None:
                 slot.release()
-        return await self._answer(request, job, parsed.stream, parsed.include_usage)
+        return await self._answer(request, job, parsed.stream, answer_format(parsed))
 
-    async def _answer(self, request: Request, job: Job, stream: bool, include_usage: bool) -> Response:
+    async def _answer(self, request: Request, job: Job, stream: bool, form: AnswerFormat) -> Response:
         chunks = job.chunks(request.is_disconnected)
         try:
             first = await anext(chunks)  # errors found before any text still get their own status
@@ -164,11 +239,10 @@ class _Endpoints:
             return Response(status_code=CLIENT_CLOSED)
         except Exception as error:  # noqa: BLE001
             return _error_response(error)
-        header = ResponseHeader.new(self.config.model_id)
         if stream:
-            return StreamingResponse(_events(header, first, chunks, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await _completion(header, first, chunks)
+            return StreamingResponse(_events(form, first, chunks), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await _completion(form, first, chunks)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -195,8 +269,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def _completion(header: ResponseHeader, item: Chunk, chunks: AsyncGenerator[Chunk, None]
-                      ) -> Response:
+async def _completion(form: AnswerFormat, item: Chunk, chunks: AsyncGenerator[Chunk, None]) -> Response:
     parts: list[str] = []
     while not isinstance(item, GenerationStats):
         parts.append(item.text)
@@ -206,26 +279,28 @@ async def _completion(header: ResponseHeader, item: Chunk, chunks: AsyncGenerato
             return Response(status_code=CLIENT_CLOSED)
         except Exception as error:  # noqa: BLE001
             return _error_response(error)
-    return JSONResponse(header.completion("".join(parts), item))
+    # ASCII-escaped JSON, as every answer: the text is valid, but the object repeats request fields
+    return Response(json.dumps(form.completion("".join(parts), item)), media_type="application/json")
 
 
-async def _events(header: ResponseHeader, item: Chunk, chunks: AsyncGenerator[Chunk, None],
-                  include_usage: bool) -> AsyncIterator[bytes]:
-    """OpenAI's chunk stream: the role, text deltas, the finish reason, [usage], then [DONE]."""
+async def _events(form: AnswerFormat, item: Chunk, chunks: AsyncGenerator[Chunk, None]) -> AsyncIterator[bytes]:
+    """The format's event stream: its opening, a delta per text chunk, then its closing (or its failure)."""
+    parts: list[str] = []
     try:
-        yield sse_event(header.chunk({"role": "assistant", "content": ""}))
+        for event in form.opening():
+            yield event
         while not isinstance(item, GenerationStats):
-            yield sse_event(header.chunk({"content": item.text}))
+            parts.append(item.text)
+            for event in form.delta(item.text):
+                yield event
             item = await anext(chunks)  # StopAsyncIteration (the client left) ends this generator too
-        yield sse_event(header.chunk({}, finish_reason(item)))
-        if include_usage:
-            yield sse_event(header.chunk({}, usage_counts=usage(item)))
-        yield sse_event("[DONE]")
+        for event in form.closing("".join(parts), item):
+            yield event
     except StopAsyncIteration:
         return
     except Exception as error:  # noqa: BLE001 - the status is sent already; OpenAI clients raise on this
-        yield sse_event(json.dumps(_answer_to(error).body()))
-        yield sse_event("[DONE]")  # the stream still ends as streams do: clients wait for it
+        for event in form.failure(_answer_to(error).body()):  # the stream still ends as streams do
+            yield event
     finally:
         await chunks.aclose()  # cancels the job if it is still running
 
@@ -252,5 +327,9 @@ def _error_response(error: Exception, headers: dict[str, str] | None = None) -> 
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own 404/405 in OpenAI's error shape."""
     status = getattr(exc, "status_code", 500)
+    headers = getattr(exc, "headers", None) or {}
     message = f"no endpoint {request.method} {request.url.path}"
-    return _error_response(RequestError(status, message, code="not_found" if status == 404 else None))
+    if status == 405 and "Allow" in headers:
+        message = f"{request.url.path} does not answer {request.method}; it answers {headers['Allow']}"
+    return _error_response(RequestError(status, message, code="not_found" if status == 404 else None),
+                           dict(headers))

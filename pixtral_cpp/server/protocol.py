@@ -7,6 +7,8 @@ The response objects are in `responses`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import ipaddress
 import json
@@ -18,13 +20,17 @@ from typing import Any
 
 from pixtral_cpp.backend import GrammarError, SamplingError, json_schema_grammar
 from pixtral_cpp.conversation import Image, Message, normalize_messages
-from pixtral_cpp.errors import ContextLengthError, ConversationError, ImageError, PixtralError
+from pixtral_cpp.errors import ContextLengthError, ConversationError, ImageError, OptionsError, PixtralError
+from pixtral_cpp.image_decode import HEAD_BYTES, accepted_family
 from pixtral_cpp.images import MAX_IMAGE_SIZE, prepare_image
 from pixtral_cpp.options import GenerationOptions
 from pixtral_cpp.server.config import ServerConfig
 
 MAX_STOP_LENGTH = 256
 MAX_STOP_STRINGS = 4  # OpenAI's limit for `stop`
+RANDOM_SEED = -1  # llama.cpp's "pick a random seed"
+MAX_SEED = 0xFFFFFFFE  # 0xFFFFFFFF is llama.cpp's own "random"
+ROLE_NAMES = {"developer": "system"}  # OpenAI's newer name for the system prompt
 
 
 class RequestError(Exception):
@@ -52,6 +58,8 @@ def request_error_from(error: Exception) -> RequestError:
         return RequestError(400, str(error), param="messages")
     if isinstance(error, SamplingError):
         return RequestError(400, str(error), param="response_format" if isinstance(error, GrammarError) else None)
+    if isinstance(error, OptionsError):
+        return RequestError(400, str(error))
     if isinstance(error, PixtralError):
         return RequestError(500, str(error), type="server_error")
     return RequestError(500, "internal error; see the server log", type="server_error")
@@ -137,30 +145,45 @@ def parse_chat_request(body: bytes, config: ServerConfig,
     `max_image_size` (the model's budget) here, so a queued request holds at most 1024 x 1024 x 3 bytes
     per image rather than the full upload.
     """
-    data = _json_object(body)
-    model = data.get("model")
-    if model is not None and model != config.model_id:
-        raise RequestError(404, f"the model {model!r} does not exist; this server serves {config.model_id!r}",
-                           code="model_not_found", param="model")
-    if data.get("n", 1) != 1:
+    data = json_object(body)
+    check_model_name(data, config)
+    if typed_field(data, "n", int, 1) != 1:
         raise RequestError(400, "n must be 1: one answer per request", param="n")
     for unsupported in ("tools", "functions"):
         if data.get(unsupported):
             raise RequestError(400, f"{unsupported} are not supported by Pixtral's chat format",
                                param=unsupported)
-    stream = _typed(data, "stream", bool, False)
-    stream_options = _typed(data, "stream_options", dict, None) or {}
-    options = _options(data, config)  # the cheap checks first: a bad field never waits for the gate
-    messages = _messages(data.get("messages"), config)
-    if any(isinstance(part, Image) for message in messages for part in message.parts):
-        with decoding_gate or contextlib.nullcontext():
-            messages = [_with_decoded_images(number, message, config, max_image_size)
-                        for number, message in enumerate(messages)]
+    stream = typed_field(data, "stream", bool, False)
+    stream_options = typed_field(data, "stream_options", dict, None) or {}
+    options = generation_options(data, config)  # the cheap checks first: a bad field never waits for the gate
+    messages = decode_images(chat_messages(data.get("messages"), config), config, decoding_gate, max_image_size)
     return ChatRequest(messages=messages, options=options, stream=stream,
                        include_usage=bool(stream_options.get("include_usage")))
 
 
-def _json_object(body: bytes) -> dict[str, Any]:
+def check_model_name(data: Mapping[str, Any], config: ServerConfig) -> None:
+    """Any name is the one served model unless the server was told to be strict about names."""
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError(400, f"model must be a string, got {json.dumps(model)[:60]}", param="model")
+    if model is not None and not config.serves(model):
+        names = ", ".join(repr(name) for name in config.model_names)
+        raise RequestError(404, f"the model {model[:100]!r} does not exist; this server serves {names}",
+                           code="model_not_found", param="model")
+
+
+def decode_images(messages: list[Message], config: ServerConfig,
+                  decoding_gate: AbstractContextManager[Any] | None, max_image_size: int) -> list[Message]:
+    """The messages with their images decoded and prepared, holding `decoding_gate` while they are."""
+    if not any(isinstance(part, Image) for message in messages for part in message.parts):
+        return messages
+    with decoding_gate or contextlib.nullcontext():
+        return [_with_decoded_images(number, message, config, max_image_size)
+                for number, message in enumerate(messages)]
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or 400 saying why not."""
     try:
         data = json.loads(body)
     # ValueError also covers integers past Python's 4300-digit conversion limit
@@ -169,31 +192,47 @@ def _json_object(body: bytes) -> dict[str, Any]:
     except RecursionError:
         raise RequestError(400, "the request body is nested too deeply to parse") from None
     if not isinstance(data, dict):
-        raise RequestError(400, f"the request body must be a JSON object, not {type(data).__name__}")
+        raise RequestError(400, f"the request body must be a JSON object, not {json_type(data)}")
     return data
 
 
-def _typed(data: Mapping[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+_JSON_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+               dict: "an object", type(None): "null"}
+
+
+def json_type(value: Any) -> str:
+    """A value's type as JSON names it: 'an integer', 'an array', ..."""
+    return next((name for kind, name in _JSON_TYPES.items() if type(value) is kind), type(value).__name__)
+
+
+def typed_field(data: Mapping[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    """data[name] if it has the JSON type `kind`; `default` when absent or null; 400 naming the field otherwise."""
     value = data.get(name)
     if value is None:
         return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
     # bool is an int in Python but not a number in JSON
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = "a number" if float in kinds else " or ".join(_JSON_TYPES[k] for k in kinds)
         raise RequestError(400, f"{name} must be {names}, got {json.dumps(value)[:60]}", param=name)
     return value
 
 
 def _number(data: Mapping[str, Any], name: str, low: float, high: float, default: float) -> float:
-    value = _typed(data, name, (int, float), default)
+    value = typed_field(data, name, (int, float), default)
     if not low <= value <= high:  # False for NaN too; no float(): an int past float's range compares fine
         raise RequestError(400, f"{name} must be between {low:g} and {high:g}, got {str(value)[:20]}", param=name)
     return float(value)
 
 
-def _options(data: Mapping[str, Any], config: ServerConfig) -> GenerationOptions:
-    name = "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _typed(data, name, int, min(config.default_max_tokens, config.max_tokens_limit))
+def generation_options(data: Mapping[str, Any], config: ServerConfig, *,
+                       max_tokens_fields: tuple[str, ...] = ("max_completion_tokens", "max_tokens"),
+                       json_schema: dict[str, Any] | None | object = ...) -> GenerationOptions:
+    """The request's sampling fields as GenerationOptions. The first of `max_tokens_fields` present sets
+    the length; `json_schema` is the schema when the caller read it (otherwise: `response_format`)."""
+    name = next((field for field in max_tokens_fields if data.get(field) is not None), max_tokens_fields[-1])
+    # No length asked: to the end of the context (the answer stops there), within this server's limit.
+    max_tokens = typed_field(data, name, int, config.default_max_tokens or config.max_tokens_limit)
     if not 1 <= max_tokens <= config.max_tokens_limit:
         raise RequestError(400, f"{name} must be between 1 and {config.max_tokens_limit} (this server's "
                            f"limit), got {max_tokens}", param=name)
@@ -202,9 +241,19 @@ def _options(data: Mapping[str, Any], config: ServerConfig) -> GenerationOptions
         max_tokens=max_tokens,
         temperature=_number(data, "temperature", 0.0, 2.0, defaults.temperature),  # OpenAI's range
         top_p=_number(data, "top_p", 0.0, 1.0, defaults.top_p),
-        seed=_typed(data, "seed", int, None),
+        seed=_seed(data),
         stop=_stop(data.get("stop")),
-        json_schema=_json_schema(data.get("response_format")))
+        json_schema=_json_schema(data.get("response_format")) if json_schema is ... else json_schema)
+
+
+def _seed(data: Mapping[str, Any]) -> int | None:
+    seed = typed_field(data, "seed", int, None)
+    if seed is None or seed == RANDOM_SEED:
+        return None
+    if not 0 <= seed <= MAX_SEED:
+        raise RequestError(400, f"seed must be between 0 and {MAX_SEED}, or -1 for a random one, got "
+                           f"{str(seed)[:20]}", param="seed")
+    return seed
 
 
 def _stop(value: Any) -> tuple[str, ...]:
@@ -238,24 +287,64 @@ def _json_schema(response_format: Any) -> dict[str, Any] | None:
         raise RequestError(400, "response_format must be {'type': 'text'}, {'type': 'json_object'} or "
                            "{'type': 'json_schema', 'json_schema': {'schema': {...}}}",
                            param="response_format")
+    return checked_schema(schema, "response_format")
+
+
+def checked_schema(schema: dict[str, Any], param: str) -> dict[str, Any]:
+    """`schema` if the grammar converter can express it within its cost limits, else 400 naming `param`."""
     try:
         json_schema_grammar(schema)
     except SamplingError as error:  # a schema the converter cannot express, or one over a cost limit
-        raise RequestError(400, str(error), param="response_format") from None
+        raise RequestError(400, str(error), param=param) from None
     return schema
 
 
-def _messages(raw: Any, config: ServerConfig) -> list[Message]:
+def chat_messages(raw: Any, config: ServerConfig, param: str = "messages") -> list[Message]:
+    """OpenAI-style message dicts as Messages, images still undecoded (that waits for the decoding gate)."""
     if not isinstance(raw, list) or not raw:
-        raise RequestError(400, "messages must be a non-empty list of {'role', 'content'} objects",
-                           param="messages")
-    messages = normalize_messages(raw, allow_local_files=config.allowed_image_folder is not None)
+        raise RequestError(400, f"{param} must be a non-empty array of {{'role', 'content'}} objects",
+                           param=param)
+    messages = normalize_messages([_openai_message(message) for message in raw],
+                                  allow_local_files=config.allowed_image_folder is not None)
     n_images = sum(isinstance(part, Image) for message in messages for part in message.parts)
     if n_images > config.max_images_per_request:
         raise RequestError(400, f"the request holds {n_images} images; this server takes at most "
                            f"{config.max_images_per_request} per request", code="too_many_images",
-                           param="messages")
-    return messages  # images still undecoded: that waits for the decoding gate
+                           param=param)
+    return messages
+
+
+def _openai_message(message: Any) -> Any:
+    """What OpenAI clients send that the library spells otherwise: the developer role, raw base64 images."""
+    if not isinstance(message, dict):
+        return message  # normalize_messages says what is wrong with it
+    role = message.get("role")
+    content = message.get("content")
+    if isinstance(role, str) and role in ROLE_NAMES:
+        message = {**message, "role": ROLE_NAMES[role]}
+    if isinstance(content, list):
+        message = {**message, "content": [_raw_base64_as_bytes(part) for part in content]}
+    return message
+
+
+def _raw_base64_as_bytes(part: Any) -> Any:
+    """An image_url that is bare base64 (no `data:` prefix, as llama.cpp accepts) of an image we decode,
+    as the image's bytes; anything else is left for the data-URL, path and URL rules."""
+    url = part.get("image_url") if isinstance(part, dict) and part.get("type") == "image_url" else None
+    url = url.get("url") if isinstance(url, dict) else url
+    if not isinstance(url, str) or url.startswith("data:") or "://" in url or len(url) < 16:
+        return part
+    try:
+        head = base64.b64decode("".join(url[:2 * HEAD_BYTES].split())[:(2 * HEAD_BYTES) // 4 * 4], validate=True)
+    except (binascii.Error, ValueError):
+        return part  # not base64: a path
+    if accepted_family(head[:HEAD_BYTES]) is None:
+        return part
+    try:
+        data = base64.b64decode("".join(url.split()), validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise ImageError(f"the image is base64 that does not decode ({error})") from None
+    return {"type": "image", "image": data}
 
 
 def _with_decoded_images(number: int, message: Message, config: ServerConfig, max_image_size: int) -> Message:

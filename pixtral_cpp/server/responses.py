@@ -57,10 +57,48 @@ class ResponseHeader:
 
 
 def model_object(config: ServerConfig, created: int) -> dict[str, Any]:
-    return {"id": config.model_id, "object": "model", "created": created, "owned_by": "pixtral-cpp"}
+    """The model as /v1/models lists it; `metadata` says which names requests may use for it."""
+    return {"id": config.model_id, "object": "model", "created": created, "owned_by": "pixtral-cpp",
+            "aliases": list(config.model_aliases),
+            "metadata": {"accepts_any_model_name": not config.strict_model_name,
+                         "names": list(config.model_names),
+                         "note": "the only model served: requests may name it by its id or an alias"
+                                 if config.strict_model_name else
+                                 "the only model served: a request naming any model gets this one"}}
 
 
 def sse_event(data: Mapping[str, Any] | Sequence[Any] | str) -> bytes:
     """One server-sent event; OpenAI's stream is `data: <json>` events and a final `data: [DONE]`."""
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
     return f"data: {text}\n\n".encode()
+
+
+def done_event() -> bytes:
+    """The end of an OpenAI chat or completions stream."""
+    return sse_event("[DONE]")
+
+
+class ChatFormat:
+    """/v1/chat/completions answers: a chat.completion, or its chunk stream ending in [DONE]."""
+
+    def __init__(self, header: ResponseHeader, include_usage: bool) -> None:
+        self.header, self.include_usage = header, include_usage
+
+    def completion(self, text: str, stats: GenerationStats) -> dict[str, Any]:
+        return self.header.completion(text, stats)
+
+    def opening(self) -> list[bytes]:
+        return [sse_event(self.header.chunk({"role": "assistant", "content": ""}))]
+
+    def delta(self, text: str) -> list[bytes]:
+        return [sse_event(self.header.chunk({"content": text}))]
+
+    def closing(self, text: str, stats: GenerationStats) -> list[bytes]:
+        events = [sse_event(self.header.chunk({}, finish_reason(stats)))]
+        if self.include_usage:
+            events.append(sse_event(self.header.chunk({}, usage_counts=usage(stats))))
+        return [*events, done_event()]
+
+    def failure(self, error: dict[str, Any]) -> list[bytes]:
+        """After the status was sent: the error body as an event (OpenAI clients raise on it), then [DONE]."""
+        return [sse_event(json.dumps(error)), done_event()]  # ASCII: a message may quote a lone surrogate
