@@ -41,7 +41,14 @@ from pixtral_cpp.errors import ModelError, OutputError
 from pixtral_cpp.gguf_file import GGUFHeader, read_gguf_header
 from pixtral_cpp.gguf_keys import CLIP_IMAGE_STD, IMG_BREAK_TENSOR, TextKeys
 from pixtral_cpp.model_files import ModelFiles, PairInfo, inspect_pair
-from pixtral_cpp.pair_quirks import FIXED_BY_KEY, IMG_BREAK_ID, TOKEN_EMBD, img_break_source_problem, pair_quirks
+from pixtral_cpp.pair_quirks import (
+    FIXED_BY_KEY,
+    IMG_BREAK_ID,
+    TEKKEN_PRE,
+    TOKEN_EMBD,
+    img_break_source_problem,
+    pair_quirks,
+)
 from pixtral_cpp.paths import CORRECTED_DIR_ENV, corrected_dir
 
 CHUNK_BYTES = 64 * 1024 * 1024  # copied per write: memory stays flat whatever the tensor size
@@ -119,6 +126,9 @@ def _text_edits(text: GGUFHeader, keep_template: bool) -> FileEdits:
     if TextKeys.CONTEXT_LENGTH not in text.metadata:
         edits.keys.append(KeyEdit(TextKeys.CONTEXT_LENGTH, DEFAULT_CONTEXT_LENGTH, GGUFValueType.UINT32))
         edits.notes.append(f"added {TextKeys.CONTEXT_LENGTH} = {DEFAULT_CONTEXT_LENGTH} (Pixtral 12B's)")
+    if text.get(Keys.Tokenizer.PRE) != TEKKEN_PRE:  # for llama.cpp's own tokenizer; pixtral-cpp's ignores it
+        edits.keys.append(KeyEdit(Keys.Tokenizer.PRE, TEKKEN_PRE, GGUFValueType.STRING))
+        edits.notes.append(f"wrote {Keys.Tokenizer.PRE} = {TEKKEN_PRE!r} (was {text.get(Keys.Tokenizer.PRE)!r})")
     if not keep_template and text.get(Keys.Tokenizer.CHAT_TEMPLATE) != PIXTRAL_CHAT_TEMPLATE:
         edits.keys.append(KeyEdit(Keys.Tokenizer.CHAT_TEMPLATE, PIXTRAL_CHAT_TEMPLATE, GGUFValueType.STRING))
         edits.notes.append("wrote pixtral-cpp's current chat template (mistral-common's prompts for other tools)")

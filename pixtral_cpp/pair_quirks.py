@@ -22,6 +22,7 @@ TOKEN_EMBD = "token_embd.weight"
 LLAMA_CPP_WRITER = "llama.cpp convert_hf_to_gguf.py"
 PIXTRAL_CPP_WRITER = "pixtral-cpp convert"
 PIXTRAL_CPP_FIX_WRITER = "pixtral-cpp fix"
+TEKKEN_PRE = "tekken"  # llama.cpp's tekken split rule, the nearest to mistral-common's
 FIX_HINT = "`pixtral-cpp fix PAIR -o DIR` writes a corrected pair"
 # pixtral-cpp writes its general.* keys in this order and no general.size_label (convert/metadata.py);
 # llama.cpp's converter always writes general.size_label (its gguf.Metadata counts the parameters).
@@ -92,12 +93,13 @@ def pair_quirks(text: GGUFHeader, mmproj: GGUFHeader) -> PairQuirks:
     normalization, norm_quirk = _normalization(mean, std)
     has_break = IMG_BREAK_TENSOR in mmproj.tensors
     context = text.get(TextKeys.CONTEXT_LENGTH)
-    quirks = [q for q in (norm_quirk, None if has_break else _img_break_quirk(text),
-                          _context_quirk(context), _template_quirk(template)) if q is not None]
+    pre = _str_or_none(text.get(Keys.Tokenizer.PRE))
+    quirks = [q for q in (norm_quirk, None if has_break else _img_break_quirk(text), _context_quirk(context),
+                          _pre_tokenizer_quirk(pre), _template_quirk(template)) if q is not None]
     return PairQuirks(
         text_writer=writer_of(text, template), mmproj_writer=writer_of(mmproj, None),
         text_type=_str_or_none(text.get(Keys.General.TYPE)), mmproj_type=_str_or_none(mmproj.get(Keys.General.TYPE)),
-        pre_tokenizer=_str_or_none(text.get(Keys.Tokenizer.PRE)), chat_template=template,
+        pre_tokenizer=pre, chat_template=template,
         has_img_break=has_break, image_mean=mean, image_std=std, normalization=normalization,
         context_length=context if isinstance(context, int) else None, quirks=tuple(quirks))
 
@@ -179,6 +181,15 @@ def _context_quirk(context: object) -> Quirk | None:
     what = (f"{TextKeys.CONTEXT_LENGTH} is missing (llama.cpp's converter leaves it out when converting Mistral's "
             f"native params.json, which has no context length), and llama.cpp cannot load the model without it")
     return Quirk("context_length_missing", what, Handling.REFUSED, True)
+
+
+def _pre_tokenizer_quirk(pre: str | None) -> Quirk | None:
+    if pre == TEKKEN_PRE:
+        return None
+    what = (f"pre-tokenizer {pre!r}: llama.cpp splits text by another rule than tekken's (`pixtral` is its "
+            f"Llama-3 rule: O'Donnell splits differently); pixtral-cpp tokenizes prompt text by tekken's own "
+            f"rule, so only other tools are affected (`pixtral-cpp fix` writes {TEKKEN_PRE!r})")
+    return Quirk("pre_tokenizer", what, Handling.AS_IS, True)
 
 
 def _template_kind(template: object) -> str:

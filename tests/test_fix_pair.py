@@ -46,7 +46,7 @@ def fixed(quirky_pair, tmp_path_factory):
 
 
 def test_the_fixed_pair_has_no_quirk_left(quirky_pair, fixed):
-    assert len(inspect_pair(quirky_pair).quirks.quirks) == 4  # std, img_break, context length, template
+    assert len(inspect_pair(quirky_pair).quirks.quirks) == 5  # std, img_break, context length, pre, template
     info = inspect_pair(ModelFiles(fixed.text_path, fixed.mmproj_path))
     q = info.quirks
     assert info.problems == () and q.quirks == () and q.verdict == "runs faithfully as is"
@@ -54,7 +54,7 @@ def test_the_fixed_pair_has_no_quirk_left(quirky_pair, fixed):
     assert (q.image_std, q.context_length, q.chat_template) == (pytest.approx(CLIP_IMAGE_STD), 131072,
                                                                 "pixtral-cpp's")
     assert (fixed.text_path.name, fixed.mmproj_path.name) == (quirky_pair.text.name, quirky_pair.mmproj.name)
-    assert len(fixed.corrections) == 4
+    assert len(fixed.corrections) == 5
 
 
 def test_every_other_byte_is_copied(quirky_pair, fixed):
@@ -64,9 +64,11 @@ def test_every_other_byte_is_copied(quirky_pair, fixed):
             assert (b.tensors[name].type, b.tensors[name].ne) == (tensor.type, tensor.ne)
             assert bytes(b.tensor_data(name)) == bytes(a.tensor_data(name)), name
         changed = {k for k in set(a.metadata) | set(b.metadata) if a.metadata.get(k) != b.metadata.get(k)}
-        assert changed <= {TextKeys.CONTEXT_LENGTH, "tokenizer.chat_template", "clip.vision.image_std", FIXED_BY_KEY}
+        assert changed <= {TextKeys.CONTEXT_LENGTH, "tokenizer.chat_template", "tokenizer.ggml.pre",
+                           "clip.vision.image_std", FIXED_BY_KEY}
     text, mmproj = read_gguf_header(fixed.text_path), read_gguf_header(fixed.mmproj_path)
     assert text.metadata["tokenizer.chat_template"] == PIXTRAL_CHAT_TEMPLATE
+    assert text.metadata["tokenizer.ggml.pre"] == "tekken"  # llama.cpp's rule nearest to mistral-common's
     row = np.asarray(text.tensor_data("token_embd.weight"))[12]
     np.testing.assert_array_equal(np.asarray(mmproj.tensor_data(IMG_BREAK_TENSOR)), row)
 
@@ -155,10 +157,10 @@ def test_an_unquirky_pair_is_copied_as_it_is(tiny_gguf_pair, tmp_path):
     assert result.mmproj_path.read_bytes() == tiny_gguf_pair[1].read_bytes()
 
 
-def test_the_llama_cpp_default_pair_needs_only_img_break_and_template(tiny_gguf_pair, tmp_path):
+def test_the_llama_cpp_default_pair_needs_only_img_break_pre_and_template(tiny_gguf_pair, tmp_path):
     files = ModelFiles(*write_quirky_pair(tiny_gguf_pair[0], tiny_gguf_pair[1], tmp_path / "q", LLAMA_CPP_HF))
     result = fix_pair(files, tmp_path / "out")
-    assert [c.split()[1] for c in result.corrections] == ["pixtral-cpp's", IMG_BREAK_TENSOR]
+    assert [c.split()[1] for c in result.corrections] == ["tokenizer.ggml.pre", "pixtral-cpp's", IMG_BREAK_TENSOR]
 
 
 def test_swapped_mean_and_std_are_put_back(tiny_gguf_pair, tmp_path):

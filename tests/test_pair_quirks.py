@@ -75,6 +75,7 @@ def test_the_llama_cpp_pair_is_named_and_its_quirks_listed(quirky):
     assert (q.pre_tokenizer, q.chat_template, q.has_img_break) == ("pixtral", "none", False)
     assert q.named("img_break_missing").handling is Handling.CORRECTED
     assert q.named("chat_template").handling is Handling.AS_IS
+    assert q.named("pre_tokenizer").handling is Handling.AS_IS and "O'Donnell" in q.named("pre_tokenizer").what
     assert q.verdict.startswith("runs faithfully with a correction") and IMG_BREAK_TENSOR in q.verdict
 
 
