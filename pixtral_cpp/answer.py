@@ -107,7 +107,8 @@ class Answerer:
         """Token runs and encoded images in prompt order; counts the images encoded now in `tally`.
 
         Every image is prepared (or found in the cache) and the prompt checked against the context
-        before the first one is encoded: a prompt that cannot fit costs no vision encoder time.
+        before the first one is encoded: a prompt that cannot fit costs no vision encoder time. Then
+        the longest prefix is kept or restored from disk, and only the images after it are encoded.
         """
         staged = stage_images(plan, self.memo, self._options.max_image_size, control)
         check_prompt_fits(plan, staged, self._text.n_ctx)
@@ -187,8 +188,8 @@ class Answerer:
 
     def _store_points(self, runs: list[Run], keep: int) -> set[int]:
         """Prefix lengths of `runs` to store on disk: through the last image, and the whole prompt when
-        it adds enough positions (DISK_CACHE_MIN_NEW_POSITIONS); never one already stored or that the
-        KV cache has gone past."""
+        this answer evaluates enough of it after that (DISK_CACHE_MIN_NEW_POSITIONS); never one already
+        stored or that the KV cache has gone past."""
         if self.disk is None:
             return set()
         keys = _keys(runs)
@@ -196,7 +197,9 @@ class Answerer:
                       if isinstance(run, (ImageRun, ImageSpan))]
         last_image = max(image_ends, default=0)
         points = {last_image} if last_image else set()
-        if len(keys) - last_image >= DISK_CACHE_MIN_NEW_POSITIONS:
+        # Only positions this answer evaluates count: a chat's follow-up in this process reuses all but its
+        # new turn, so storing the whole conversation again each turn would write hundreds of MB for seconds.
+        if len(keys) - max(keep, last_image) >= DISK_CACHE_MIN_NEW_POSITIONS:
             points.add(len(keys))
         return {n for n in points if n >= keep and not self.disk.has(keys[:n])}
 

@@ -24,7 +24,8 @@ YES_ENV = "PIXTRAL_CPP_YES"  # set to 1: accept the first run's offer to pull th
 # The prompt cache on disk (pixtral_cpp.disk_cache, docs/prompt-cache.md). An entry costs 160 KiB per
 # position at 12B with an F16 KV cache: about 130 MB for a 1024x768 photo at 512 px, 511 MB at 1024 px.
 DISK_CACHE_MAX_BYTES = 4 << 30
-# The whole prompt is stored beside the prefix through its last image only when it adds at least this many
-# positions: re-evaluating a short question costs about a second at 12B, its entry a whole image's bytes.
+# The whole prompt is stored beside the prefix through its last image only when the answer evaluates at least
+# this many positions after it: re-evaluating a short question costs about a second at 12B, its entry a whole
+# image's bytes (and a chat's follow-up in the same process evaluates only its new turn).
 DISK_CACHE_MIN_NEW_POSITIONS = 64
 DISK_CACHE_ENV = "PIXTRAL_CPP_CACHE_DIR"  # the prompt cache's folder (default: the user's cache folder)

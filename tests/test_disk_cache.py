@@ -131,6 +131,19 @@ def test_a_long_text_prompt_is_stored_whole_and_its_last_position_evaluated_agai
     assert np.abs(restored - cold).max() / np.abs(cold).max() < PARITY
 
 
+def test_a_follow_up_in_the_same_process_stores_only_what_it_evaluates_at_length(pair, tmp_path):
+    folder, image = tmp_path / "cache", picture(7)
+    with PixtralModel.load(pair[0], pair[1], ModelOptions(**OPTIONS, disk_cache_dir=folder)) as model:
+        first = model.describe(image, "What is this?", max_tokens=3, temperature=0)
+        history = [{"role": "user", "content": [{"type": "image", "image": image},
+                                                {"type": "text", "text": "What is this?"}]},
+                   {"role": "assistant", "content": first.text}]
+        short = model.chat([*history, {"role": "user", "content": "And?"}], max_tokens=1).stats
+        assert len(entries(folder)) == 1 and short.reused_tokens > first.stats.image_tokens  # the image's only
+        long = model.chat([*history, {"role": "user", "content": "Tell me more about it. " * 20}], max_tokens=1)
+    assert sorted(e.positions for e in entries(folder))[-1] == long.stats.prompt_tokens
+
+
 def test_a_short_text_prompt_is_not_stored(pair, tmp_path):
     folder = tmp_path / "cache"
     with PixtralModel.load(pair[0], pair[1], ModelOptions(**OPTIONS, disk_cache_dir=folder)) as model:
