@@ -25,8 +25,14 @@ class LocalModel:
     quants: tuple[str, ...]
     size_bytes: int
     paths: tuple[Path, ...]  # every file of it (converted models: what `rm` deletes)
-    problem: str | None  # None: the default pair runs as is; else the first reason it would not
+    problem: str | None  # None: the default pair runs; else the first reason it would not
     revisions: tuple[str, ...] = ()  # commits in the cache (what `rm` deletes)
+    correction: str | None = None  # what pixtral-cpp corrects at load to run it faithfully (pair_quirks)
+
+    @property
+    def runs(self) -> str:
+        """`ok` (as is), `corrected` (faithfully, with a correction at load) or `no`."""
+        return "no" if self.problem is not None else "corrected" if self.correction else "ok"
 
 
 def list_local_models(models_dir: Path | None = None, cache_dir: Path | None = None) -> list[LocalModel]:
@@ -49,7 +55,7 @@ def _converted(folder: Path) -> list[LocalModel]:
             continue  # projectors alone are no model
         models.append(LocalModel(name, CONVERTED, f"{folder / choose_text_file(names).name}", folder,
                                  tuple(text_quants(names)), sum(p.stat().st_size for p in paths), tuple(paths),
-                                 _problem(folder, names)))
+                                 *_verdict(folder, names)))
     return models
 
 
@@ -61,15 +67,17 @@ def _model_name(file_name: str) -> str:
     return base.removeprefix("mmproj-") if is_mmproj(file_name) else base
 
 
-def _problem(folder: Path, names: list[str]) -> str | None:
-    """inspect_pair's first problem for the pair a run would take, or why there is no pair."""
+def _verdict(folder: Path, names: list[str]) -> tuple[str | None, str | None]:
+    """(inspect_pair's first problem, or why there is no pair; the first correction made at load) for the
+    pair a run would take."""
     try:
         text = choose_text_file(names, where=str(folder)).name
         mmproj = choose_mmproj_file(names, text, where=str(folder)).name
-        problems = inspect_pair(ModelFiles(folder / text, folder / mmproj)).problems
+        info = inspect_pair(ModelFiles(folder / text, folder / mmproj))
     except ModelError as exc:
-        return str(exc)
-    return problems[0] if problems else None
+        return str(exc), None
+    corrected = info.quirks.corrected if info.quirks is not None else ()
+    return (info.problems[0] if info.problems else None), (corrected[0].what if corrected else None)
 
 
 def _cached(cache_dir: Path | None) -> list[LocalModel]:
@@ -91,12 +99,12 @@ def _cached(cache_dir: Path | None) -> list[LocalModel]:
         names = [f.file_path.relative_to(revision.snapshot_path).as_posix() for f in revision.files]
         if not text_quants(names) or not any(is_mmproj(n) for n in names):
             continue  # not a GGUF pair repo (a checkpoint `convert` fetched, say)
-        problem = _problem(revision.snapshot_path, names)
+        problem, correction = _verdict(revision.snapshot_path, names)
         if "pixtral" not in repo.repo_id.lower() and problem and "not a Pixtral" in problem:
             continue  # another model's GGUFs
         models.append(LocalModel(repo.repo_id, HUB_CACHE, repo.repo_id, Path(repo.repo_path),
                                  tuple(text_quants(names)), repo.size_on_disk, (), problem,
-                                 tuple(r.commit_hash for r in repo.revisions)))
+                                 tuple(r.commit_hash for r in repo.revisions), correction))
     return models
 
 

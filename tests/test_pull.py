@@ -397,3 +397,50 @@ def test_the_environment_variable_accepts_the_offer(cache, photo, monkeypatch):
     assert result.exit_code == 1
     assert "no model found" not in result.output
     assert "ggml-org/pixtral-12b-GGUF@main is not in the local Hugging Face cache" in result.output
+
+
+# Repos as llama.cpp's converter publishes them (tests/quirky_files.py): today's (no [IMG_BREAK] in the mmproj,
+# pre-tokenizer pixtral, no chat template) and one from before April 2025 (the std written as the mean).
+LMSTUDIO = "lmstudio-community/pixtral-12b-GGUF"
+OLD = "someone/pixtral-12b-2024-GGUF"
+
+
+@pytest.fixture(scope="module")
+def quirky_tiny(tiny, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    from tests.quirky_files import LLAMA_CPP_HF, OLD_LLAMA_CPP, write_quirky_pair
+
+    root = tmp_path_factory.mktemp("quirky")
+    return {repo: write_quirky_pair(tiny.text_q8, tiny.mmproj, root / name, quirks)
+            for repo, name, quirks in ((LMSTUDIO, "today", LLAMA_CPP_HF), (OLD, "old", OLD_LLAMA_CPP))}
+
+
+@pytest.fixture
+def quirky_cache(cache, quirky_tiny, tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("PIXTRAL_CPP_CORRECTED_DIR", str(tmp_path / "corrected"))
+    for repo, (text, mmproj) in quirky_tiny.items():
+        add_repo(cache, repo, {"pixtral-12b-Q8_0.gguf": text, "mmproj-pixtral-12b-f16.gguf": mmproj})
+    return cache
+
+
+def test_a_repo_from_llama_cpps_converter_is_ready_with_its_correction_named(quirky_cache, photo, tmp_path):
+    result = run("pull", f"{LMSTUDIO}:Q8_0")
+    assert result.exit_code == 0 and "ready" in result.output, result.output
+    listed = run("models")
+    row = next(line for line in listed.output.splitlines() if line.startswith(LMSTUDIO + " "))
+    assert re.split(r"\s{2,}", row)[3] == "corrected"
+    assert f"{LMSTUDIO}: the mmproj lacks v.token_embd.img_break" in listed.output
+    answer = CliRunner().invoke(main, ["describe", photo, "--model", f"{LMSTUDIO}:Q8_0", "--max-tokens", "4",
+                                       "--temperature", "0", "--ctx", "2048"])
+    assert answer.exit_code == 0, answer.output
+    assert list((tmp_path / "corrected").rglob("mmproj-pixtral-12b-f16.gguf"))  # the corrected copy it ran
+
+
+def test_a_repo_with_the_std_written_as_the_mean_is_refused_with_the_fix(quirky_cache, photo):
+    result = run("pull", f"{OLD}:Q8_0")
+    assert result.exit_code == 1 and "ready" not in result.output
+    assert "llama.cpp#13208" in result.output and "pixtral-cpp fix" in result.output
+    listed = run("models")
+    row = next(line for line in listed.output.splitlines() if line.startswith(OLD + " "))
+    assert re.split(r"\s{2,}", row)[3] == "no"
+    answer = CliRunner().invoke(main, ["describe", photo, "--model", f"{OLD}:Q8_0", "--max-tokens", "4"])
+    assert answer.exit_code == 1 and "llama.cpp#13208" in answer.output

@@ -14,7 +14,8 @@ from pixtral_cpp.formatting import format_bytes
 def models(ctx: click.Context) -> None:
     """The models available here (converted, pulled, in the Hugging Face cache); `models rm NAME` removes one.
 
-    RUNS says whether the pair a run takes works as is, or the first reason it would not."""
+    RUNS says whether the pair a run takes works as is (ok), faithfully with a correction pixtral-cpp makes at
+    load (corrected), or not (no); the line after the table says which correction or why not."""
     if ctx.invoked_subcommand is None:
         list_models()
 
@@ -29,14 +30,13 @@ def list_models() -> None:
         click.echo(f"no models here; `pixtral-cpp pull {DEFAULT_HUB_MODEL}` downloads one")
         return
     rows = [("NAME", "QUANTIZATIONS", "SIZE", "RUNS", "WHERE")]
-    rows += [(m.name, ",".join(m.quants), format_bytes(m.size_bytes), "ok" if m.problem is None else "no",
-              str(m.where)) for m in found]
+    rows += [(m.name, ",".join(m.quants), format_bytes(m.size_bytes), m.runs, str(m.where)) for m in found]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)) + "  " + row[4])
     for m in found:
-        if m.problem is not None:
-            click.echo(f"{m.name}: {m.problem}")
+        if m.problem is not None or m.correction is not None:
+            click.echo(f"{m.name}: {m.problem or m.correction}")
 
 
 @models.command("rm")
