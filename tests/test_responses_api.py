@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import jsonschema
+import numpy as np
 import openai
 import pytest
 from openai.types.responses import (
@@ -16,6 +17,8 @@ from openai.types.responses import (
     ResponseContentPartAddedEvent,
     ResponseContentPartDoneEvent,
     ResponseCreatedEvent,
+    ResponseErrorEvent,
+    ResponseFailedEvent,
     ResponseIncompleteEvent,
     ResponseInProgressEvent,
     ResponseOutputItemAddedEvent,
@@ -25,6 +28,11 @@ from openai.types.responses import (
 )
 from pydantic import BaseModel, Field
 
+from pixtral_cpp.conversation import Image, Message
+from pixtral_cpp.results import GenerationStats
+from pixtral_cpp.server import ServerConfig
+from pixtral_cpp.server.protocol import RequestError
+from pixtral_cpp.server.responses_api import ResponsesFormat, ResponseStore, parse_responses_request
 from tests.served import data_url, png, serving
 
 KEY = "responses-key"
@@ -190,3 +198,58 @@ def test_previous_response_id_continues_a_stored_conversation(client, server):
 ])
 def test_what_pixtral_does_not_do_is_refused_naming_the_field(server, body, words):
     _refused(server, body, words)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Without a server: the store's bounds and the failure events
+
+
+def _turns(pixels: int) -> list[Message]:
+    return [Message.user(Image(np.zeros((pixels, 1, 3), np.uint8)), "q"), Message.assistant("a")]
+
+
+def test_the_store_keeps_the_newest_answers_within_count_and_image_bytes():
+    store = ResponseStore(max_responses=2, max_image_bytes=3 * 100)
+    for name in ("a", "b", "c"):
+        store.keep(name, _turns(10), {"id": name})
+    assert store.response("a") is None and store.response("c") == {"id": "c"}
+    with pytest.raises(RequestError, match="not kept"):
+        store.turns("a")
+    store.keep("big", _turns(91), {"id": "big"})  # 273 bytes: with c's 30, over the budget
+    assert store.response("c") is None and store.response("big") is not None
+    store.keep("huge", _turns(200), {"id": "huge"})  # over the whole budget: not kept, nothing dropped
+    assert store.response("huge") is None and store.response("big") is not None
+
+
+def test_a_failure_after_the_status_is_an_error_event_then_response_failed():
+    request = parse_responses_request(json.dumps({"input": "hi"}).encode(), ServerConfig(), ResponseStore(1, 1))
+    form = ResponsesFormat(request, MODEL, ResponseStore(1, 1))
+    opened = form.opening()
+    body = RequestError(503, "the server is shutting down", type="server_error", code="server_shutting_down").body()
+    events = [json.loads(raw.decode().split("data: ", 1)[1]) for raw in [*opened, *form.failure(body)]]
+    error, failed = ResponseErrorEvent.model_validate(events[-2]), ResponseFailedEvent.model_validate(events[-1])
+    assert error.message == "the server is shutting down" and error.code == "server_shutting_down"
+    assert failed.response.status == "failed" and failed.response.error.message == error.message
+    assert [event["sequence_number"] for event in events] == list(range(len(events)))
+
+
+@pytest.mark.parametrize("finish", ["stop", "length"])
+def test_every_event_and_response_validates_against_the_sdks_own_types(finish):
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    body = {"input": "hi", "instructions": "Be brief.", "max_output_tokens": 9, "metadata": {"k": "v"},
+            "text": {"format": {"type": "json_schema", "name": "s", "schema": {"type": "string"}}}}
+    request = parse_responses_request(json.dumps(body).encode(), ServerConfig(), ResponseStore(1, 1))
+    form = ResponsesFormat(request, MODEL, ResponseStore(1, 1))
+    stats = GenerationStats(prompt_tokens=12, reused_tokens=4, image_tokens=0, images_encoded=0,
+                            image_encode_seconds=0.0, prompt_seconds=0.1, generated_tokens=2,
+                            generation_seconds=0.1, finish_reason=finish)
+    raw = [*form.opening(), *form.delta('"a'), *form.delta('b"'), *form.closing('"ab"', stats)]
+    events = [TypeAdapter(ResponseStreamEvent).validate_python(json.loads(item.decode().split("data: ", 1)[1]))
+              for item in raw]
+    assert [event.type for event in events][-1] == ("response.completed" if finish == "stop"
+                                                    else "response.incomplete")
+    final = Response.model_validate(form.completion('"ab"', stats))
+    assert final.output_text == '"ab"' and final.usage.input_tokens_details.cached_tokens == 4
+    assert final.text.format.type == "json_schema" and final.metadata == {"k": "v"}

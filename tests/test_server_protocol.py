@@ -19,6 +19,9 @@ import httpx
 import openai
 import pytest
 
+from pixtral_cpp.errors import ImageError, ServerConfigError
+from pixtral_cpp.server import ServerConfig
+from pixtral_cpp.server.protocol import parse_chat_request
 from tests.served import data_url, png, serving
 
 KEY = "protocol-key"
@@ -327,3 +330,38 @@ def test_llm_attachment_and_schema(llm_home, tmp_path, model):
     assert isinstance(json.loads(out)["caption"], str)
     logs = json.loads(_llm(llm_home, "logs", "-n", "1", "--json"))
     assert logs[0]["input_tokens"] > 0 and logs[0]["output_tokens"] > 0  # usage read from the server's answer
+
+
+# ---------------------------------------------------------------------------------------------------
+# Without a server
+
+
+def test_legacy_completion_objects_validate_against_the_sdks_type(server):
+    from openai.types import Completion
+
+    raw = _post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "temperature": 0}).json()
+    assert Completion.model_validate(raw).choices[0].text == raw["choices"][0]["text"]
+
+
+def test_cors_origins_are_checked_and_spelled_as_browsers_send_them():
+    config = ServerConfig(cors_origins=("HTTP://LocalHost:3000/", "*"))
+    assert config.cors_origins == ("http://localhost:3000", "*")
+    for bad in ("localhost:3000", "http://site/app", "ftp://x", ""):
+        with pytest.raises(ServerConfigError, match="CORS origin"):
+            ServerConfig(cors_origins=(bad,))
+
+
+def test_names_and_default_length_in_the_config():
+    assert ServerConfig().serves("anything") and ServerConfig().default_max_tokens is None
+    strict_config = ServerConfig(model_aliases=("a",), strict_model_name=True)
+    assert strict_config.serves("a") and strict_config.serves("pixtral-12b") and not strict_config.serves("b")
+    with pytest.raises(ServerConfigError, match="over the limit"):
+        ServerConfig(default_max_tokens=10, max_tokens_limit=5)
+
+
+@pytest.mark.parametrize("path", ["cat.png", "/tmp/abcdefghijklmnop", "images/abcdefghijklmnopq",
+                                  base64.b64encode(b"GIF87a but not quite an image").decode()[1:]])
+def test_strings_that_are_not_base64_images_stay_paths(path):
+    with pytest.raises(ImageError, match="local image files are not allowed"):
+        parse_chat_request(json.dumps(_chat([{"type": "image_url", "image_url": {"url": path}}])).encode(),
+                           ServerConfig())

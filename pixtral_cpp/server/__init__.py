@@ -1,5 +1,5 @@
-"""An OpenAI-compatible HTTP server over one loaded PixtralModel: `/v1/chat/completions`, `/v1/models`,
-`/health`.
+"""An OpenAI-compatible HTTP server over one loaded PixtralModel: `/v1/chat/completions`, the Responses
+API `/v1/responses`, legacy `/v1/completions`, `/v1/models`, `/health`.
 
     from pixtral_cpp.server import ServerConfig, run_server
     with PixtralModel.load("~/models") as model:
@@ -20,11 +20,14 @@ waiting requests with 503, and exits.
 
 Who may call: bound to loopback, only loopback names are accepted in `Host` (a web page that re-points
 its own name at 127.0.0.1 cannot read answers), and bodies must be `application/json` (a page may send
-text/plain anywhere without asking). With an API key, every request needs `Authorization: Bearer`.
+text/plain anywhere without asking). With an API key, every request but `/health` needs `Authorization:
+Bearer`. Browsers' pages are let in only from the configured CORS origins.
 
 Modules: `config` (ServerConfig, where it may listen), `protocol` (request rules, errors as HTTP),
-`responses` (OpenAI's response objects), `worker` (the generation thread), `app` (Starlette: routes,
-gate, answers), `run` (uvicorn and signals). Only `app` and `run` need Starlette and uvicorn.
+`responses` (chat completion objects), `responses_api` (the Responses API: requests, kept answers,
+events), `completions` (legacy completions), `worker` (the generation thread), `app` (Starlette: routes,
+gate, answers), `run` (uvicorn and signals). Every endpoint turns its request into the same messages and
+GenerationOptions for the one worker. Only `app` and `run` need Starlette and uvicorn.
 """
 
 from __future__ import annotations

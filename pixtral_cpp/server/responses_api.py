@@ -46,6 +46,7 @@ _REFUSED = {"tools": "tools are not supported by Pixtral's chat format",
             "conversation": "server-side conversations are not supported: use previous_response_id",
             "prompt": "stored prompt templates are not supported: send the input itself"}
 _ROLES = ("user", "assistant", "system", "developer")
+_FAILED_CODES = ("server_error", "rate_limit_exceeded", "invalid_prompt", "invalid_image")  # of OpenAI's
 
 
 @dataclass(frozen=True)
@@ -281,6 +282,9 @@ class ResponsesFormat:
     def failure(self, error: Mapping[str, Any]) -> list[bytes]:
         """After the status was sent: an error event, then the response as failed."""
         body = error["error"]
+        # A failed response's error code is one of OpenAI's few: ours where it is one, else the kind of fault.
+        code = body.get("code") if body.get("code") in _FAILED_CODES else \
+            "invalid_prompt" if body.get("type") == "invalid_request_error" else "server_error"
         return [self._event("error", code=body.get("code"), message=body["message"], param=body.get("param")),
-                self._event("response.failed", response=self._response(
-                    "failed", [], error={"code": body.get("code") or "server_error", "message": body["message"]}))]
+                self._event("response.failed",
+                            response=self._response("failed", [], error={"code": code, "message": body["message"]}))]
