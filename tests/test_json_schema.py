@@ -19,10 +19,19 @@ import numpy as np
 import pydantic
 import pytest
 
-from pixtral_cpp.backend import GrammarError, Sampler, SamplingOptions, TextModel, TextModelOptions, json_schema_grammar
-from pixtral_cpp.backend._native import bindings
+from pixtral_cpp.backend import (
+    GrammarError,
+    Sampler,
+    SamplingOptions,
+    TextModel,
+    TextModelOptions,
+    bindings,
+    json_schema_grammar,
+)
 from pixtral_cpp.model import PixtralModel
 from pixtral_cpp.options import GenerationOptions, ModelOptions
+from pixtral_cpp.server.config import ServerConfig
+from pixtral_cpp.server.protocol import RequestError, parse_chat_request, request_error_from
 
 RANDOM = SamplingOptions(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)  # every token possible
 PROMPT = "Answer in JSON."
@@ -334,3 +343,35 @@ def test_pixtral_model_json_schema_follows_the_fixes(pair):
         with pytest.raises(GrammarError, match="uniqueItems"):
             pixtral.describe(image, "x", options=GenerationOptions(
                 json_schema={"type": "array", "uniqueItems": True}))
+
+
+# -- the server's response_format ---------------------------------------------------------------------------
+
+
+def _parse(response_format: dict) -> GenerationOptions:
+    body = {"model": "any", "messages": [{"role": "user", "content": "hi"}], "response_format": response_format}
+    return parse_chat_request(json.dumps(body).encode(), ServerConfig()).options
+
+
+def test_llama_servers_json_object_with_a_schema_is_honoured():
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 5}}, "required": ["n"]}
+    assert _parse({"type": "json_object", "schema": schema}).json_schema == schema
+    assert _parse({"type": "json_object"}).json_schema == {"type": "object"}
+    with pytest.raises(RequestError) as caught:
+        _parse({"type": "json_object", "schema": {"type": "array", "uniqueItems": True}})
+    assert caught.value.status == 400 and "uniqueItems" in caught.value.message
+
+
+@pytest.mark.parametrize("schema", [{"not": {}}, {"type": "number", "maximum": 0.5},
+                                    {"type": "string", "format": "uri"}, {"type": "string", "pattern": "(?!x)"}])
+def test_an_unsupported_schema_is_a_400_in_openais_shape(schema):
+    with pytest.raises(RequestError) as caught:
+        _parse({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    body = caught.value.body()["error"]
+    assert caught.value.status == 400
+    assert body["type"] == "invalid_request_error" and body["param"] == "response_format"
+    assert body["message"].startswith("cannot turn the JSON schema into a grammar: ")
+    # a GrammarError raised later (the worker converts the schema again) gets the same answer
+    with pytest.raises(GrammarError) as raised:
+        json_schema_grammar(schema)
+    assert request_error_from(raised.value).status == 400

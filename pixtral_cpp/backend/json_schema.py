@@ -44,13 +44,15 @@ _MAX_DIGITS = 16  # digits of an integer part (and of a fraction) when the schem
 _RULE_NAME_CHARS = re.compile(r"[^a-zA-Z0-9-]+")
 _MAX_RULE_NAME = 40
 
-# JSON text pieces. `char` is one character of a JSON string as written: raw (never a control character,
-# which JSON forbids, nor `"` or `\`) or an escape; \u escapes of surrogates are left out so that every
-# string the grammar admits decodes to valid text.
+# JSON text pieces. `char` is one character of a JSON string as written: raw or an escape. Raw characters are
+# a positive class of valid text, since llama.cpp's grammar decodes token bytes leniently (a negated class would
+# also admit surrogates and values past U+10FFFF, i.e. invalid UTF-8); JSON forbids raw control characters;
+# \u escapes of surrogates are left out too, so every string the grammar admits decodes to valid text.
+_RAW_CHAR = r"[ !#-\[\]-~\x80-\uD7FF\uE000-\U0010FFFF]"
+_RAW_DOT = r"[ !#-\[\]-~\x80-\u2027\u202A-\uD7FF\uE000-\U0010FFFF]"  # a regex `.`: no line terminators
 _PRIMITIVES = {
     "space": '" "?',
-    "char": (r'[^"\\\x00-\x1F\x7F] | "\\" (["\\/bfnrt] | "u" ([0-9a-cA-CeEfF] [0-9a-fA-F]{3} | '
-             r'[dD] [0-7] [0-9a-fA-F]{2}))'),
+    "char": _RAW_CHAR + r' | "\\" (["\\/bfnrt] | "u" ([0-9a-cA-CeEfF] [0-9a-fA-F]{3} | [dD] [0-7] [0-9a-fA-F]{2}))',
     "string": r'"\"" char* "\"" space',
     "boolean": '("true" | "false") space',
     "null": '"null" space',
@@ -61,7 +63,7 @@ _PRIMITIVES = {
     "object": '"{" space (string ":" space value ("," space string ":" space value)*)? "}" space',
     "array": '"[" space (value ("," space value)*)? "]" space',
     # what a regex `.` matches (no line terminator), as JSON string text
-    "dot": r'[^"\\\x00-\x1F\x7F\u2028\u2029] | "\\" (["\\/bft])',
+    "dot": _RAW_DOT + r' | "\\" (["\\/bft])',
     "date": r'[0-9]{4} "-" ("0" [1-9] | "1" [0-2]) "-" ("0" [1-9] | [12] [0-9] | "3" [01])',
     "time": (r'([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9] ":" [0-5] [0-9] ("." [0-9]{1,9})? '
              r'("Z" | [+-] ([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9])'),
@@ -259,8 +261,11 @@ class _Converter:
         required = schema.get("required", [])
         if not isinstance(properties, dict) or not isinstance(required, list):
             raise SchemaError(f"at {where}, properties must be an object and required a list")
+        extra = schema.get("additionalProperties", True)
+        if not isinstance(extra, (bool, dict)):
+            raise SchemaError(f"additionalProperties at {where} must be a boolean or a schema, got {_short(extra)}")
         if not properties:
-            return self.map_object(schema, schema.get("additionalProperties", True), name, where)
+            return self.map_object(schema, extra, name, where)
         missing = [key for key in required if key not in properties]
         if missing:
             raise SchemaError(f"required {missing[0]!r} at {where} is not among the properties: not supported")
@@ -490,6 +495,8 @@ def gbnf_literal(text: str, where: str) -> str:
             out.append(f"\\x{code:02X}")
         elif 0xD800 <= code <= 0xDFFF:
             raise SchemaError(f"the text at {where} holds a lone surrogate (U+{code:04X}), which is not valid text")
+        elif not ch.isprintable():  # e.g. U+2028 or U+0085: raw, they would split the grammar's lines
+            out.append(_code_escape(code))
         else:
             out.append(ch)
     return '"' + "".join(out) + '"'
@@ -602,6 +609,7 @@ def _same_length(lo: str, hi: str) -> str:
 
 # Characters a JSON string cannot hold raw; in a pattern's classes they are written as escapes.
 _RAW_FORBIDDEN = [(0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C), (0x7F, 0x7F)]
+_SURROGATES = (0xD800, 0xDFFF)
 # The escapes written for those a class admits (other control characters: none, which admits fewer).
 _ESCAPED = {code: gbnf_literal(json.dumps(chr(code))[1:-1], "") for code in (0x22, 0x5C, 0x0A, 0x0D, 0x09, 0x08, 0x0C)}
 _DIGIT = [(0x30, 0x39)]
@@ -837,13 +845,12 @@ class _RegexWriter:
 
     def char_set(self, ranges: list[tuple[int, int]], negated: bool) -> str:
         covered = _merge(ranges)
-        if negated:
-            raw = "[^" + "".join(_class_range(lo, hi) for lo, hi in _merge(covered + _RAW_FORBIDDEN)) + "]"
-            escapes = [text for code, text in _ESCAPED.items() if not _contains(covered, code)]
-        else:
-            allowed = _subtract(covered, _RAW_FORBIDDEN)
-            raw = "[" + "".join(_class_range(lo, hi) for lo, hi in allowed) + "]" if allowed else ""
-            escapes = [text for code, text in _ESCAPED.items() if _contains(covered, code)]
+        if negated:  # written as the positive class of the rest (see _RAW_CHAR)
+            covered = _subtract([(0, 0x10FFFF)], covered)
+        covered = _subtract(covered, [_SURROGATES])  # no text
+        allowed = _subtract(covered, _RAW_FORBIDDEN)
+        raw = "[" + "".join(_class_range(lo, hi) for lo, hi in allowed) + "]" if allowed else ""
+        escapes = [text for code, text in _ESCAPED.items() if _contains(covered, code)]
         choices = [raw] if raw else []
         choices += escapes
         if not choices:
@@ -908,17 +915,16 @@ def _contains(ranges: list[tuple[int, int]], code: int) -> bool:
 
 
 def _class_char(code: int) -> str:
-    if 0xD800 <= code <= 0xDFFF:
-        raise SchemaError("a pattern class holds a surrogate code point, which is not valid text")
     if chr(code) in "\\]^-[":
         return "\\" + chr(code)
     if code < 0x20 or code == 0x7F:
         return f"\\x{code:02X}"
-    return chr(code)
+    return chr(code) if code < 0x7F else _code_escape(code)  # (raw U+2028 etc. would split the grammar's lines)
+
+
+def _code_escape(code: int) -> str:
+    return f"\\u{code:04X}" if code <= 0xFFFF else f"\\U{code:08X}"
 
 
 def _class_range(lo: int, hi: int) -> str:
-    if 0xD800 <= hi and lo <= 0xDFFF:  # a range across the surrogates: the text characters on both sides
-        parts = [(lo, min(hi, 0xD7FF)), (max(lo, 0xE000), hi)]
-        return "".join(_class_range(a, b) for a, b in parts if a <= b)
     return _class_char(lo) if lo == hi else f"{_class_char(lo)}-{_class_char(hi)}"

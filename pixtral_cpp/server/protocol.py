@@ -275,8 +275,10 @@ def _json_schema(response_format: Any) -> dict[str, Any] | None:
     kind = response_format.get("type") if isinstance(response_format, dict) else None
     if kind == "text":
         return None
-    if kind == "json_object":
-        schema: Any = {"type": "object"}
+    if kind == "json_object":  # llama-server's form may carry a schema: {"type": "json_object", "schema": {...}}
+        schema: Any = response_format.get("schema", {"type": "object"})
+        if not isinstance(schema, dict):
+            raise RequestError(400, "response_format.schema must be a JSON schema object", param="response_format")
     elif kind == "json_schema":
         spec = response_format.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None
