@@ -152,6 +152,14 @@ def test_legacy_completion_plain_streaming_and_echo(client):
     assert echoed.choices[0].text == "Once upon a time" + choice.text
 
 
+def test_legacy_stop_strings_end_the_answer(client):
+    full = client.completions.create(model="m", prompt="Count", max_tokens=8, temperature=0).choices[0]
+    assert len(full.text) > 2, "the tiny model should say a few characters"
+    stop = full.text[2:4]
+    cut = client.completions.create(model="m", prompt="Count", max_tokens=8, temperature=0, stop=[stop]).choices[0]
+    assert cut.text == full.text[:full.text.index(stop)] and cut.finish_reason == "stop"
+
+
 def test_the_legacy_prompt_is_one_user_turn(client):
     """Documented: the prompt goes through Pixtral's chat template, as a user message would."""
     completion = client.completions.create(model="m", prompt="Say something", max_tokens=4, temperature=0)
