@@ -180,6 +180,7 @@ def _collect(batch: PendingBatch, run: _Run, reports: dict[int, EndpointReport],
             workers -= 1
             if endpoint.dropped and report.dropped is None:
                 report.dropped, report.seconds = endpoint.dropped, time.monotonic() - started
+                logger.warning("%s dropped: %s", endpoint.url, endpoint.dropped)
                 notice(f"{endpoint.url} dropped: {endpoint.dropped}; its images go to the others")
             if workers == 0:
                 raise _all_dropped(reports.values(), batch)

@@ -237,6 +237,13 @@ def test_servers_that_require_a_key_drop_a_batch_without_it(servers, folder, tmp
         assert all(f"{s.url}/v1: it answered 401" in message for s in servers), message
         assert "invalid or missing API key" in message and "11 images are not done" in message
     assert out.read_bytes() == b""
+    result = CliRunner().invoke(main, ["batch", str(folder), "--jsonl", str(out), "--server", servers[0].url],
+                                env={"PIXTRAL_CPP_API_KEY": ""})
+    assert result.exit_code == 1, result.output
+    notice, error = result.output.splitlines()  # said when it happened, then the one-line error
+    assert notice.startswith(f"{servers[0].url}/v1 dropped: it answered 401") and error.startswith(
+        "Error: every server was dropped")
+    assert "Traceback" not in result.output
 
 
 def test_cli_batch_on_two_servers_reports_each_and_resumes(servers, folder, tmp_path):
@@ -309,6 +316,7 @@ class Stub:
     def __init__(self, script: list[tuple[int, dict[str, str]]], *, owner: str = "stub", repeat_last: bool = False):
         self.script, self.repeat_last, self.owner = list(script), repeat_last, owner
         self.posts: list[float] = []
+        self.models: list[str | None] = []
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -321,10 +329,12 @@ class Stub:
             def do_POST(self) -> None:  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.posts.append(time.monotonic())
-                assert body["model"] == "served-name" and body["messages"][0]["content"][0]["type"] == "image_url"
+                stub.models.append(body.get("model"))
+                assert body["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
                 status, headers = stub.script.pop(0) if len(stub.script) > 1 or not stub.repeat_last else (
                     stub.script[0])
-                answer = {"error": {"message": f"scripted {status}", "code": None}} if status != 200 else {
+                code = "invalid_image" if status == 400 else None
+                answer = {"error": {"message": f"scripted {status}", "code": code}} if status != 200 else {
                     "model": "served-name", "choices": [{"message": {"content": "a stub answer"},
                                                          "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 7, "completion_tokens": 3}}
@@ -364,6 +374,7 @@ def test_429_and_503_are_retried_after_their_retry_after(folder, tmp_path):
     (record,) = read_records(out)
     assert record["answer"] == "a stub answer" and record["stats"]["attempts"] == 4
     assert record["stats"]["model"] == "served-name" and record["stats"]["generated_tokens"] == 3
+    assert stub.models == ["served-name"] * 4, "without --model, the id /v1/models lists"
     gaps = np.diff(stub.posts)
     assert gaps[0] >= 1.0, "Retry-After: 1 was honoured"
     assert gaps[1] < 0.5, "Retry-After: 0 means now"
@@ -413,3 +424,17 @@ def test_prepared_png_is_what_the_local_path_encodes(folder):
     local = prepare_image(folder / "img01.png", max_image_size=BUDGET)
     # the server decodes the PNG and finds it at its grid size already: the same pixels
     assert np.array_equal(prepare_image(png, max_image_size=BUDGET, reduce_while_decoding=True).pixels, local.pixels)
+
+
+def test_an_image_the_server_refuses_is_recorded_and_the_model_named_is_sent(folder, tmp_path):
+    stub = Stub([(400, {}), OK], repeat_last=True)
+    out = tmp_path / "answers.jsonl"
+    try:
+        summary = run_remote_batch([stub.url], [folder / "img00.png", folder / "img01.png"], out, prompt=PROMPT,
+                                   generation=GREEDY, remote=remote(model="my-served-name", concurrency=1))
+    finally:
+        stub.close()
+    assert (summary.done, summary.failed) == (1, 1) and summary.endpoints[0].dropped is None
+    first, second = read_records(out)
+    assert first["error"] == "scripted 400" and second["answer"] == "a stub answer"
+    assert stub.models == ["my-served-name"] * 2
