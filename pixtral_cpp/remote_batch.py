@@ -172,6 +172,8 @@ def _collect(batch: PendingBatch, run: _Run, reports: dict[int, EndpointReport],
         try:
             kind, endpoint, payload = run.results.get(timeout=0.5)  # a timeout keeps Ctrl-C responsive
         except queue.Empty:
+            if run.work.unfinished_tasks == 0 and run.results.empty():  # every outcome put was read
+                raise RuntimeError("remote batch: an image is neither queued nor answered (a bug)") from None
             continue
         report = reports[id(endpoint)]
         if kind == "started":
@@ -208,8 +210,10 @@ def _work(endpoint: Endpoint, run: _Run, prompt: str, generation: GenerationOpti
                 outcome = _describe_remote(endpoint, path, prompt, generation, budget, run.stop)
             except EndpointDropped:
                 run.work.put(path)  # for the other endpoints: nothing lost
+                run.work.task_done()  # each only once the image is back in the queue or its outcome sent
                 break
             run.results.put(("answered", endpoint, outcome))
+            run.work.task_done()
     except BaseException as error:  # noqa: BLE001 - carried to the main thread, which raises it
         if not run.stop.is_set():
             run.results.put(("crashed", endpoint, error))
