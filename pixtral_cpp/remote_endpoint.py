@@ -14,17 +14,19 @@ the others). What is retried, and how:
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import logging
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
+from pixtral_cpp.errors import OptionsError
 from pixtral_cpp.options import GenerationOptions
 
 logger = logging.getLogger(__name__)
@@ -63,26 +65,24 @@ class EndpointDropped(Exception):  # noqa: N818 - an outcome: the image goes bac
     """This endpoint is given up on; the message says why."""
 
 
-@dataclass
 class Endpoint:
     """A base URL (`http://host:port/v1`; a bare `http://host:port` gets `/v1`), its client and its health."""
 
-    url: str
-    api_key: str | None = None
-    timeout: float = DEFAULT_TIMEOUT
-    dropped: str | None = None  # the reason, once dropped
-    model: str | None = None  # the model id sent; found with probe() when not given
-    concurrency: int = 1
-    _failures: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _client: httpx.Client | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        self.url = base_url(self.url)
+    def __init__(self, url: str, *, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 model: str | None = None) -> None:
+        self.url = base_url(url)
+        self.api_key, self.timeout = api_key, timeout
+        self.model = model  # the model id sent; found by probe() when not given
+        self.concurrency = 1
+        self.dropped: str | None = None  # the reason, once dropped; read by every worker of this endpoint
+        self._failures = 0  # in a row, busy answers not counted; shared by the workers, under _lock
+        self._lock = threading.Lock()
+        self._client: httpx.Client | None = None
 
     def open(self, concurrency: int) -> None:
         self.concurrency = concurrency
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        # UTF-8 bytes: a non-ASCII key reaches `serve` as it compares it (httpx would send str as ASCII)
+        headers = {"Authorization": b"Bearer " + self.api_key.strip().encode()} if self.api_key else {}
         self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(self.timeout, connect=CONNECT_TIMEOUT),
                                     limits=httpx.Limits(max_connections=concurrency + 1))
 
@@ -188,8 +188,6 @@ def base_url(url: str) -> str:
     """The OpenAI base URL: `/v1` added to a URL without a path, no trailing slash."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        from pixtral_cpp.errors import OptionsError
-
         raise OptionsError(f"--server {url!r} is not an http(s) URL; give e.g. http://127.0.0.1:8080/v1")
     url = url.rstrip("/")
     return url if parts.path.strip("/") else url + "/v1"
@@ -197,8 +195,6 @@ def base_url(url: str) -> str:
 
 def chat_request(png: bytes, prompt: str, generation: GenerationOptions, model: str | None) -> dict[str, Any]:
     """The chat-completions body for one image (a PNG data URL) and its prompt."""
-    import base64
-
     content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
                {"type": "text", "text": prompt}]
     body: dict[str, Any] = {"messages": [{"role": "user", "content": content}],

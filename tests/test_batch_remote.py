@@ -29,7 +29,7 @@ from pixtral_cpp.errors import EndpointError
 from pixtral_cpp.model import PixtralModel
 from pixtral_cpp.options import GenerationOptions, ModelOptions
 from pixtral_cpp.remote_batch import RemoteOptions, prepared_png, run_remote_batch
-from pixtral_cpp.remote_endpoint import DEFAULT_TIMEOUT, retry_after
+from pixtral_cpp.remote_endpoint import DEFAULT_TIMEOUT, base_url, retry_after
 
 KEY = "remote-batch-key"
 PROMPT = "What is this?"
@@ -438,3 +438,9 @@ def test_an_image_the_server_refuses_is_recorded_and_the_model_named_is_sent(fol
     first, second = read_records(out)
     assert first["error"] == "scripted 400" and second["answer"] == "a stub answer"
     assert stub.models == ["my-served-name"] * 2
+
+
+def test_server_urls_are_openai_base_urls():
+    assert base_url("http://127.0.0.1:8080") == base_url("http://127.0.0.1:8080/") == "http://127.0.0.1:8080/v1"
+    assert base_url("http://gpu1:8000/v1/") == "http://gpu1:8000/v1"
+    assert base_url("https://example.org/openai/v1") == "https://example.org/openai/v1"
