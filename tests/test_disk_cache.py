@@ -229,3 +229,13 @@ def test_no_cache_stores_nothing_and_cache_shows_and_clears_the_entries(pair, tm
     cleared = runner.invoke(main, ["cache", "clear"])
     assert cleared.exit_code == 0 and "removed 1 entry" in cleared.output and entries(folder) == []
     assert "0 entries" in runner.invoke(main, ["cache", "--dir", str(folder)]).output
+
+
+def test_the_servers_usage_counts_kept_and_restored_positions_as_cached():
+    from pixtral_cpp.server.responses import usage
+
+    stats = GenerationStats(prompt_tokens=20, reused_tokens=3, image_tokens=10, images_encoded=0,
+                            image_encode_seconds=0.0, prompt_seconds=1.0, generated_tokens=2, generation_seconds=1.0,
+                            finish_reason="length", restored_tokens=11)
+    assert usage(stats)["prompt_tokens_details"] == {"cached_tokens": 14}
+    assert stats.prompt_tokens_per_second == 6.0  # only the 6 positions evaluated
