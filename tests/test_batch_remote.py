@@ -252,9 +252,11 @@ def test_cli_batch_on_two_servers_reports_each_and_resumes(servers, folder, tmp_
             "--temperature", "0", "--max-image-size", str(BUDGET)]
     for serve in servers:
         args += ["--server", serve.url]
-    result = CliRunner().invoke(main, args, env={"PIXTRAL_CPP_API_KEY": KEY})
+    unreachable = f"http://127.0.0.1:{_free_port()}"
+    result = CliRunner().invoke(main, [*args, "--server", unreachable], env={"PIXTRAL_CPP_API_KEY": KEY})
     assert result.exit_code == 0, result.output
     assert "10 described, 0 already done, 1 failed" in result.output
+    assert f"{unreachable}/v1: no images; dropped (3 failures in a row, the last: connection failed" in result.output
     for serve in servers:
         line = next(line for line in result.output.splitlines() if line.startswith(f"{serve.url}/v1: "))
         assert "images/s" in line and "tokens/s" in line and "1 at a time" in line, line

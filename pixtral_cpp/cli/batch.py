@@ -121,6 +121,9 @@ def _run_on_servers(ctx: click.Context, servers: tuple[str, ...], images: list[P
                                retry_failed=retry_failed)
     for report in summary.endpoints:
         state = f"dropped ({report.dropped})" if report.dropped else f"{report.concurrency} at a time"
+        if not report.images:
+            click.echo(f"{report.url}: no images; {state}", err=True)
+            continue
         click.echo(f"{report.url}: {report.images} images in {report.seconds:.1f} s, "
                    f"{report.images_per_second:.2f} images/s, {report.tokens_per_second:.1f} tokens/s; {state}",
                    err=True)
