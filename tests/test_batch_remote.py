@@ -332,6 +332,9 @@ class Stub:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.posts.append(time.monotonic())
                 stub.models.append(body.get("model"))
+                if stub.script[0][0] == HANG:
+                    stub.script.pop(0)
+                    time.sleep(HANG_SECONDS)  # then answers: the client has given up by then
                 assert body["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
                 status, headers = stub.script.pop(0) if len(stub.script) > 1 or not stub.repeat_last else (
                     stub.script[0])
@@ -361,6 +364,7 @@ class Stub:
 
 
 OK = (200, {})
+HANG, HANG_SECONDS = -1, 1.5  # a script entry: no answer for HANG_SECONDS, then the next entry's
 
 
 def test_429_and_503_are_retried_after_their_retry_after(folder, tmp_path):
@@ -446,3 +450,16 @@ def test_server_urls_are_openai_base_urls():
     assert base_url("http://127.0.0.1:8080") == base_url("http://127.0.0.1:8080/") == "http://127.0.0.1:8080/v1"
     assert base_url("http://gpu1:8000/v1/") == "http://gpu1:8000/v1"
     assert base_url("https://example.org/openai/v1") == "https://example.org/openai/v1"
+
+
+def test_a_timeout_is_retried(folder, tmp_path):
+    stub = Stub([(HANG, {}), OK], repeat_last=True)
+    out = tmp_path / "answers.jsonl"
+    try:
+        summary = run_remote_batch([stub.url], [folder / "img00.png"], out, prompt=PROMPT, generation=GREEDY,
+                                   remote=remote(timeout=0.5, concurrency=1))
+    finally:
+        stub.close()
+    (record,) = read_records(out)
+    assert summary.done == 1 and record["answer"] == "a stub answer" and record["stats"]["attempts"] == 2
+    assert len(stub.posts) == 2 and stub.posts[1] - stub.posts[0] >= 0.5, "sent again once it timed out"
