@@ -229,6 +229,15 @@ def test_string_lengths_and_item_counts(model):
                                                  '{"k": 1, "x": 2, "y": 3}')] == [True, True, False, False, False]
 
 
+def test_counts_past_llama_cpps_repetition_threshold_are_exact(model):
+    # llama.cpp refuses x{m} over 2,000 and reads x{m,n} with n over 2,000 as "no limit"
+    grammar = json_schema_grammar({"type": "string", "minLength": 2100, "maxLength": 4096})
+    assert [accepts(model, grammar, json.dumps("ab" * (n // 2) + "c" * (n % 2))) for n in (2099, 2100, 4096, 4097)] \
+        == [False, True, True, False]
+    grammar = json_schema_grammar({"type": "array", "items": {"const": 0}, "maxItems": 2500})
+    assert [accepts(model, grammar, json.dumps([0] * n)) for n in (0, 2500, 2501)] == [True, True, False]
+
+
 # -- what cannot be enforced is named ------------------------------------------------------------------------
 
 

@@ -40,6 +40,11 @@ _SUPPORTED = (_STRING_KEYWORDS | _NUMBER_KEYWORDS | _OBJECT_KEYWORDS | _ARRAY_KE
               | {"type", "enum", "const", "nullable"})
 _TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 
+# llama.cpp's MAX_REPETITION_THRESHOLD (src/llama-grammar.cpp): it refuses x{m} over it, reads x{m,n} with n over
+# it as x{m,} and refuses an item of k inner rules repeated n times when k * n is over it; repeated items are
+# therefore single literals, classes or rule names, and larger counts are split.
+_MAX_REPETITION = 2000
+_ATOM = re.compile(r'[a-zA-Z0-9-]+|"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]')
 _MAX_DIGITS = 16  # digits of an integer part (and of a fraction) when the schema sets no bound
 _RULE_NAME_CHARS = re.compile(r"[^a-zA-Z0-9-]+")
 _MAX_RULE_NAME = 40
@@ -319,17 +324,28 @@ class _Converter:
         n_max = _count(schema, "maxProperties", where, None)
         if n_max is not None and n_max < max(n_min, len(fixed)):
             raise SchemaError(f"maxProperties at {where} is below minProperties or the required properties")
-        return f'"{{" {space} {self.list_of(fixed, kv, sep, n_min, n_max)} "}}" {space}'
+        return f'"{{" {space} {self.list_of(fixed, kv, sep, n_min, n_max, name)} "}}" {space}'
 
-    @staticmethod
-    def list_of(fixed: list[str], item: str, sep: str, n_min: int, n_max: int | None) -> str:
-        """The `fixed` elements, then `item`s up to n_min..n_max elements in all, `sep` between them."""
+    def list_of(self, fixed: list[str], item: str, sep: str, n_min: int, n_max: int | None, name: str) -> str:
+        """The `fixed` elements, then `item`s: n_min..n_max elements in all, `sep` between them."""
         rest_min = max(n_min - len(fixed), 0)
         rest_max = None if n_max is None else n_max - len(fixed)
-        if not fixed:
-            return separated(item, sep, rest_min, rest_max)
-        more = repeat(f"({sep} {item})", rest_min, rest_max)
-        return " ".join(filter(None, [f" {sep} ".join(fixed), more]))
+        if rest_max == 0:
+            return f" {sep} ".join(fixed)
+        if not fixed:  # written twice below (the first, then the others after a separator): name it
+            item = self.atom(item, f"{name}-item")
+        before = 0 if fixed else 1  # the elements written before the separated ones
+        more = repeat(self.atom(f"{sep} {item}", f"{name}-more"), max(rest_min - before, 0),
+                      None if rest_max is None else rest_max - before)
+        if fixed:
+            return " ".join(filter(None, [f" {sep} ".join(fixed), more]))
+        if rest_min:
+            return f"{item} {more}".strip()
+        return f"{self.atom(f'{item} {more}'.strip(), f'{name}-items')}?"  # a group would count its inner rules
+
+    def atom(self, expression: str, name: str) -> str:
+        """`expression` as one GBNF item that llama.cpp can repeat (a literal, class or rule name)."""
+        return expression if _ATOM.fullmatch(expression) else self.define(name, expression)
 
     def array(self, schema: dict[str, Any], name: str, where: str) -> str:
         if schema.get("uniqueItems") is True:
@@ -354,7 +370,7 @@ class _Converter:
             n_max = len(fixed)
         item = "" if n_max == len(fixed) else self.visit(True if items is None else items, f"{name}-item",
                                                          f"{where}/items")
-        elements = self.list_of(fixed, item, f'"," {space}', n_min, n_max)
+        elements = self.list_of(fixed, item, f'"," {space}', n_min, n_max, name)
         return f'"[" {space} {elements} "]" {space}'
 
     # -- strings ----------------------------------------------------------------------------------
@@ -382,7 +398,7 @@ class _Converter:
         if pattern is not None:
             if not isinstance(pattern, str):
                 raise SchemaError(f"pattern at {where} must be a string")
-            return f'"\\"" {self.define(f"{name}-pattern", pattern_gbnf(pattern, self, where))} "\\"" {space}'
+            return f'"\\"" {self.define(f"{name}-pattern", pattern_gbnf(pattern, self, where, name))} "\\"" {space}'
         if n_min == 0 and n_max is None:
             return self.primitive("string")
         return f'"\\"" {repeat(self.primitive("char"), n_min, n_max)} "\\"" {space}'
@@ -503,23 +519,26 @@ def gbnf_literal(text: str, where: str) -> str:
 
 
 def repeat(item: str, n_min: int, n_max: int | None) -> str:
-    """`item` n_min to n_max times (None: no limit), written out: llama.cpp's own x{m,n} caps n at 2000
-    and reads a larger one as "no limit"."""
-    out = [item] * n_min
+    """`item` (an atom: see _Converter.atom) n_min to n_max times (None: no limit), in llama.cpp's x{m,n},
+    split where a count is over what llama.cpp takes at once."""
     if n_max is None:
-        out.append(f"{item}*")
-    elif n_max > n_min:
-        optional = n_max - n_min
-        out.append(f"({item} " * (optional - 1) + f"({item})?" + ")?" * (optional - 1))
-    return " ".join(out)
+        return {0: f"{item}*", 1: f"{item}+"}.get(n_min) or f"{_exactly(item, n_min)} {item}*"
+    if n_max <= _MAX_REPETITION:
+        if n_max == 0:
+            return ""
+        if (n_min, n_max) == (0, 1):
+            return f"{item}?"
+        return f"{item}{{{n_min}}}" if n_min == n_max else f"{item}{{{n_min},{n_max}}}"
+    if n_min:
+        return " ".join(filter(None, [_exactly(item, n_min), repeat(item, 0, n_max - n_min)]))
+    # up to _MAX_REPETITION - 1, or _MAX_REPETITION and then more: two ways alive at once, never more
+    more = repeat(item, 0, n_max - _MAX_REPETITION)
+    return f"({item}{{0,{_MAX_REPETITION - 1}}} | {item}{{{_MAX_REPETITION}}} {more})"
 
 
-def separated(item: str, sep: str, n_min: int, n_max: int | None) -> str:
-    """n_min to n_max `item`s with `sep` between them."""
-    if n_max == 0:
-        return ""
-    rest = repeat(f"({sep} {item})", max(n_min - 1, 0), None if n_max is None else n_max - 1)
-    return f"{item} {rest}".strip() if n_min else f"({item} {rest})?"
+def _exactly(item: str, n: int) -> str:
+    chunks = [_MAX_REPETITION] * (n // _MAX_REPETITION) + ([n % _MAX_REPETITION] if n % _MAX_REPETITION else [])
+    return " ".join(f"{item}{{{chunk}}}" for chunk in chunks)
 
 
 # -- numeric ranges --------------------------------------------------------------------------------------
@@ -623,14 +642,14 @@ _QUANTIFIER = re.compile(r"\{(\d+)(,(\d*))?\}")
 _BRACED_CODE = re.compile(r"\{([0-9a-fA-F]{1,6})\}")
 
 
-def pattern_gbnf(pattern: str, converter: _Converter, where: str) -> str:
+def pattern_gbnf(pattern: str, converter: _Converter, where: str, name: str) -> str:
     """GBNF for the JSON text of the strings that ``pattern`` matches somewhere (JSON Schema patterns are
     unanchored: "[a-z]+" means "holds a lowercase letter"; ^ and $ anchor a branch at the start or end)."""
     parser = _Regex(pattern, where)
     tree = parser.alternation()
     if parser.i < len(pattern):
         raise SchemaError(f"pattern {_short(pattern)} at {where} has an unmatched ')'")
-    writer = _RegexWriter(converter, where)
+    writer = _RegexWriter(converter, where, f"{name}-pattern")
     branches = []
     for sequence in tree[1]:
         items = list(sequence[1])
@@ -806,8 +825,8 @@ class _Regex:
 class _RegexWriter:
     """Writes a parsed pattern as GBNF over the JSON text of the string (escapes where JSON needs them)."""
 
-    def __init__(self, converter: _Converter, where: str) -> None:
-        self.converter, self.where = converter, where
+    def __init__(self, converter: _Converter, where: str, name: str) -> None:
+        self.converter, self.where, self.name = converter, where, name
 
     def write(self, node: tuple) -> str:
         kind = node[0]
@@ -823,6 +842,7 @@ class _RegexWriter:
                     out.append(gbnf_literal(text, self.where))
                     text = ""
                 out.append(self.write(item))
+            out = [piece for piece in out if piece]  # (x{0} is nothing)
             if text:
                 out.append(gbnf_literal(text, self.where))
             return " ".join(out) or '""'
@@ -835,10 +855,7 @@ class _RegexWriter:
         if kind == "set":
             return self.char_set(node[1], node[2])
         if kind == "rep":
-            item = self.write(node[1])
-            if not re.fullmatch(r'[a-zA-Z0-9-]+|"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]|\(.*\)', item) \
-                    or (item.startswith("(") and not _balanced_group(item)):
-                item = f"({item})"
+            item = self.converter.atom(self.write(node[1]), f"{self.name}-item")
             return repeat(item, node[2], node[3])
         raise SchemaError(f"pattern at {self.where}: the anchor {kind!r} is supported only at the start or end "
                           "of the pattern (or of a top-level branch)")
@@ -856,32 +873,6 @@ class _RegexWriter:
         if not choices:
             raise SchemaError(f"a pattern class at {self.where} matches no character a JSON string can hold")
         return choices[0] if len(choices) == 1 else "(" + " | ".join(choices) + ")"
-
-
-def _balanced_group(text: str) -> bool:
-    """Whether `text`, starting with '(', is one group (its first '(' closes at the end)."""
-    depth, in_literal, in_class, i = 0, False, False, 0
-    while i < len(text):
-        c = text[i]
-        if c == "\\":
-            i += 2
-            continue
-        if in_literal:
-            in_literal = c != '"'
-        elif in_class:
-            in_class = c != "]"
-        elif c == '"':
-            in_literal = True
-        elif c == "[":
-            in_class = True
-        elif c == "(":
-            depth += 1
-        elif c == ")":
-            depth -= 1
-            if depth == 0 and i != len(text) - 1:
-                return False
-        i += 1
-    return True
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
