@@ -231,6 +231,13 @@ def test_no_cache_stores_nothing_and_cache_shows_and_clears_the_entries(pair, tm
     assert "0 entries" in runner.invoke(main, ["cache", "--dir", str(folder)]).output
 
 
+def test_the_cache_command_loads_no_model_nor_llama_cpp(tmp_path):
+    from tests.test_cli_startup import NOT_FOR_HELP, loaded, modules_loaded_by
+
+    modules = modules_loaded_by("cache", "--dir", str(tmp_path))
+    assert "pixtral_cpp.disk_cache" in modules and loaded(modules, NOT_FOR_HELP) == []
+
+
 def test_the_servers_usage_counts_kept_and_restored_positions_as_cached():
     from pixtral_cpp.server.responses import usage
 
