@@ -246,7 +246,9 @@ def test_counts_past_llama_cpps_repetition_threshold_are_exact(model):
     ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems"),
     ({"type": "object", "patternProperties": {"^x": {}}}, "'patternProperties'"),
     ({"if": {}, "then": {}}, "'if'"),
-    ({"type": "string", "format": "email"}, "format 'email'"),
+    ({"type": "string", "format": "hostname"}, "format 'hostname'"),
+    ({"type": "string", "format": "date", "maxLength": 8}, "cut into format 'date'"),
+    ({"type": "string", "format": "uri", "maxLength": 100}, "maxLength 100 at # is too short"),
     ({"type": "string", "pattern": "^a+$", "maxLength": 3}, "maxLength"),
     ({"$ref": "https://example.com/schema.json"}, "$ref"),
     ({"type": "object", "properties": {"a": {"type": "string", "contains": {}}}}, "'contains' (at #/properties/a)"),
@@ -308,8 +310,27 @@ class Tree(pydantic.BaseModel):
 def test_pydantic_schemas_give_valid_outputs(model, pydantic_model):
     schema = pydantic_model.model_json_schema()
     for text in (generate(model, json_schema_grammar(schema), seed, 400) for seed in range(5)):
-        jsonschema.validate(json.loads(text), schema)
+        jsonschema.validate(json.loads(text), schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
         pydantic_model.model_validate_json(text)
+
+
+def test_formats_admit_only_their_texts(model):
+    class Contact(pydantic.BaseModel):
+        site: pydantic.HttpUrl
+        email: str = pydantic.Field(json_schema_extra={"format": "email"})
+        born: datetime.date
+        seen: datetime.datetime
+        id: uuid.UUID
+
+    grammar = json_schema_grammar(Contact.model_json_schema())
+    good = {"site": "https://example.com/a?b=1#c", "email": "x.y@ex-ample.org", "born": "2024-02-28",
+            "seen": "2024-12-31T23:59:59.5+01:00", "id": str(uuid.UUID(int=7))}
+    assert accepts(model, grammar, json.dumps(good))
+    Contact.model_validate(good)
+    for field, bad in (("site", "ftp://x"), ("site", "https://" + "a" * 64), ("site", "http://a/" + "b" * 2000),
+                       ("email", "a@b"), ("born", "2023-02-30"), ("born", "2023-04-31"), ("born", "0999-01-01"),
+                       ("seen", "2024-01-01T24:00:00Z"), ("seen", "2024-01-01T10:00:00"), ("id", "1234")):
+        assert not accepts(model, grammar, json.dumps({**good, field: bad})), (field, bad)
 
 
 def test_ordinary_pydantic_schema_costs_little_more_per_token_than_none(model):
@@ -372,7 +393,7 @@ def test_llama_servers_json_object_with_a_schema_is_honoured():
 
 
 @pytest.mark.parametrize("schema", [{"not": {}}, {"type": "number", "maximum": 0.5},
-                                    {"type": "string", "format": "uri"}, {"type": "string", "pattern": "(?!x)"}])
+                                    {"type": "string", "format": "ipv4"}, {"type": "string", "pattern": "(?!x)"}])
 def test_an_unsupported_schema_is_a_400_in_openais_shape(schema):
     with pytest.raises(RequestError) as caught:
         _parse({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})

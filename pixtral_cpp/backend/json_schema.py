@@ -69,7 +69,9 @@ _PRIMITIVES = {
     "array": '"[" space (value ("," space value)*)? "]" space',
     # what a regex `.` matches (no line terminator), as JSON string text
     "dot": _RAW_DOT + r' | "\\" (["\\/bft])',
-    "date": r'[0-9]{4} "-" ("0" [1-9] | "1" [0-2]) "-" ("0" [1-9] | [12] [0-9] | "3" [01])',
+    # real dates only (February up to the 28th: the 29th needs a leap year), years 1000-9999
+    "date": (r'[1-9] [0-9]{3} "-" (("0" [13578] | "1" [02]) "-" ("0" [1-9] | [12] [0-9] | "3" [01]) | '
+             r'("0" [469] | "11") "-" ("0" [1-9] | [12] [0-9] | "30") | "02-" ("0" [1-9] | "1" [0-9] | "2" [0-8]))'),
     "time": (r'([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9] ":" [0-5] [0-9] ("." [0-9]{1,9})? '
              r'("Z" | [+-] ([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9])'),
 }
@@ -77,13 +79,20 @@ _PRIMITIVE_DEPENDENCIES = {"string": ["char", "space"], "value": ["object", "arr
                                                                   "null"],
                            "object": ["string", "value", "space"], "array": ["value", "space"],
                            "boolean": ["space"], "null": ["space"], "integer": ["space"], "number": ["space"]}
-_FORMATS = {  # format -> the string's content
-    "date": "date",
-    "time": "time",
-    "date-time": 'date "T" time',
-    "uuid": " \"-\" ".join(f"[0-9a-fA-F]{{{n}}}" for n in (8, 4, 4, 4, 12)),
+_LABEL = "[a-zA-Z0-9-]{1,63}"
+_URL_PATH_CHARS = "[a-zA-Z0-9._~!$&'()*+,;=:@/?#-]"
+# format -> (the string's content, the shortest and longest it admits, the primitives it uses); "uri" is a
+# web address (what pydantic's HttpUrl and AnyUrl hold), its path as long as maxLength leaves room for.
+_FORMATS: dict[str, tuple[str, int, int, tuple[str, ...]]] = {
+    "date": ("date", 10, 10, ("date",)),
+    "time": ("time", 9, 24, ("time",)),
+    "date-time": ('date "T" time', 20, 35, ("date", "time")),
+    "uuid": (" \"-\" ".join(f"[0-9a-fA-F]{{{n}}}" for n in (8, 4, 4, 4, 12)), 36, 36, ()),
+    "email": (f'[a-zA-Z0-9._+-]{{1,64}} "@" {_LABEL} ("." {_LABEL}){{1,4}}', 5, 64 + 1 + 63 + 4 * 64, ()),
 }
-_FORMAT_DEPENDENCIES = {"date": ["date"], "time": ["time"], "date-time": ["date", "time"], "uuid": []}
+_URI_HOST = f'("http://" | "https://") {_LABEL} ("." {_LABEL}){{0,3}}'
+_URI_HOST_LENGTH = 8 + 63 + 3 * 64
+_URI_PATH_LENGTH = 2000  # without maxLength
 
 
 def schema_to_gbnf(schema: dict[str, Any] | bool) -> str:
@@ -381,20 +390,15 @@ class _Converter:
             raise SchemaError(f"maxLength {n_max} at {where} is below minLength {n_min}: no string is valid")
         space = self.primitive("space")
         fmt, pattern = schema.get("format"), schema.get("pattern")
-        if fmt is not None or pattern is not None:
+        if pattern is not None:
             for keyword in ("minLength", "maxLength"):
                 if keyword in schema:
-                    raise SchemaError(f"{keyword} at {where} together with {'format' if fmt else 'pattern'} cannot "
-                                      "be enforced: put the length into the pattern")
+                    raise SchemaError(f"{keyword} at {where} together with pattern cannot be enforced: put the length "
+                                      "into the pattern")
         if fmt is not None and pattern is not None:
             raise SchemaError(f"format together with pattern at {where} is not supported")
         if fmt is not None:
-            if fmt not in _FORMATS:
-                raise SchemaError(f"the string format {_short(fmt)} (at {where}) is not supported; supported: "
-                                  f"{', '.join(_FORMATS)} (or describe the text with a pattern)")
-            for dependency in _FORMAT_DEPENDENCIES[fmt]:
-                self.primitive(dependency)
-            return f'"\\"" {_FORMATS[fmt]} "\\"" {space}'
+            return f'"\\"" {self.formatted(fmt, n_min, n_max, where)} "\\"" {space}'
         if pattern is not None:
             if not isinstance(pattern, str):
                 raise SchemaError(f"pattern at {where} must be a string")
@@ -402,6 +406,27 @@ class _Converter:
         if n_min == 0 and n_max is None:
             return self.primitive("string")
         return f'"\\"" {repeat(self.primitive("char"), n_min, n_max)} "\\"" {space}'
+
+    def formatted(self, fmt: Any, n_min: int, n_max: int | None, where: str) -> str:
+        """A string of format `fmt` within the length bounds (those the format's own lengths satisfy)."""
+        if fmt == "uri":
+            room = _URI_PATH_LENGTH if n_max is None else n_max - _URI_HOST_LENGTH - 1
+            if room < 0:
+                raise SchemaError(f"maxLength {n_max} at {where} is too short for the web addresses this format is "
+                                  f"written as: at least {_URI_HOST_LENGTH + 1}")
+            path = self.define(f"url-path-{room}", f'"/" {repeat(_URL_PATH_CHARS, 0, room)}')  # a rule: see repeat
+            content, shortest, longest, uses = f"{_URI_HOST} {path}?", 8, n_max, ()
+        elif fmt in _FORMATS:
+            content, shortest, longest, uses = _FORMATS[fmt]
+        else:
+            raise SchemaError(f"the string format {_short(fmt)} (at {where}) is not supported; supported: "
+                              f"{', '.join([*_FORMATS, 'uri'])} (or describe the text with a pattern)")
+        if n_min > shortest or (n_max is not None and longest is not None and n_max < longest):
+            raise SchemaError(f"minLength/maxLength at {where} cut into format {fmt!r} ({shortest} to {longest} "
+                              "characters): not supported")
+        for primitive in uses:
+            self.primitive(primitive)
+        return content
 
     # -- numbers ----------------------------------------------------------------------------------
 
