@@ -354,6 +354,33 @@ def test_ordinary_pydantic_schema_costs_little_more_per_token_than_none(model):
     assert timings["Scene"] < 150, timings
 
 
+def test_sets_of_enum_values_hold_each_at_most_once(model):
+    class Tags(pydantic.BaseModel):
+        colours: set[Colour]
+        sizes: frozenset[Literal[1, 2, 3]] = pydantic.Field(min_length=1)
+
+    schema = Tags.model_json_schema()
+    values = sample_valid(model, schema, range(8))
+    assert any(len(v["colours"]) > 1 for v in values)  # the seeds do write several
+    grammar = json_schema_grammar(schema)
+    assert accepts(model, grammar, '{"colours": ["red", "blue 🔵"], "sizes": [1, 3]}')
+    assert not accepts(model, grammar, '{"colours": ["red", "red"], "sizes": [1]}')
+    assert not accepts(model, grammar, '{"colours": [], "sizes": []}')  # min_length=1
+
+
+def test_durations_as_pydantic_writes_timedelta(model):
+    class Wait(pydantic.BaseModel):
+        wait: datetime.timedelta
+
+    grammar = json_schema_grammar(Wait.model_json_schema())
+    for delta in (datetime.timedelta(days=2, hours=3, seconds=4.5), datetime.timedelta(seconds=0),
+                  datetime.timedelta(minutes=90), -datetime.timedelta(days=1)):
+        text = Wait(wait=delta).model_dump_json()
+        assert accepts(model, grammar, text.replace(":", ": ", 1)), text
+    for bad in ("P", "PT", "P1H", "1D", "PT1S2M"):
+        assert not accepts(model, grammar, json.dumps({"wait": bad})), bad
+
+
 # -- the PixtralModel API -------------------------------------------------------------------------------------
 
 

@@ -45,7 +45,8 @@ _TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 # therefore single literals, classes or rule names, and larger counts are split.
 _MAX_REPETITION = 2000
 _ATOM = re.compile(r'[a-zA-Z0-9-]+|"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]')
-_MAX_DIGITS = 16  # digits of an integer part (and of a fraction) when the schema sets no bound
+_MAX_DIGITS = 16
+_MAX_UNIQUE_CHOICES = 64  # digits of an integer part (and of a fraction) when the schema sets no bound
 _RULE_NAME_CHARS = re.compile(r"[^a-zA-Z0-9-]+")
 _MAX_RULE_NAME = 40
 
@@ -72,13 +73,18 @@ _PRIMITIVES = {
     # real dates only (February up to the 28th: the 29th needs a leap year), years 1000-9999
     "date": (r'[1-9] [0-9]{3} "-" (("0" [13578] | "1" [02]) "-" ("0" [1-9] | [12] [0-9] | "3" [01]) | '
              r'("0" [469] | "11") "-" ("0" [1-9] | [12] [0-9] | "30") | "02-" ("0" [1-9] | "1" [0-9] | "2" [0-8]))'),
+    "duration-days": r'[0-9]{1,9} "D"',
+    "duration-time": (r'[0-9]{1,9} "H" ([0-9]{1,9} "M")? duration-seconds? | [0-9]{1,9} "M" duration-seconds? | '
+                      r'duration-seconds'),
+    "duration-seconds": r'[0-9]{1,9} ("." [0-9]{1,6})? "S"',
     "time": (r'([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9] ":" [0-5] [0-9] ("." [0-9]{1,9})? '
              r'("Z" | [+-] ([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9])'),
 }
-_PRIMITIVE_DEPENDENCIES = {"string": ["char", "space"], "value": ["object", "array", "string", "number", "boolean",
-                                                                  "null"],
-                           "object": ["string", "value", "space"], "array": ["value", "space"],
-                           "boolean": ["space"], "null": ["space"], "integer": ["space"], "number": ["space"]}
+_PRIMITIVE_DEPENDENCIES = {
+    "string": ["char", "space"], "value": ["object", "array", "string", "number", "boolean", "null"],
+    "object": ["string", "value", "space"], "array": ["value", "space"], "boolean": ["space"], "null": ["space"],
+    "integer": ["space"], "number": ["space"], "duration-time": ["duration-seconds"],
+}
 _LABEL = "[a-zA-Z0-9-]{1,63}"
 _URL_PATH_CHARS = "[a-zA-Z0-9._~!$&'()*+,;=:@/?#-]"
 # format -> (the string's content, the shortest and longest it admits, the primitives it uses); "uri" is a
@@ -89,6 +95,9 @@ _FORMATS: dict[str, tuple[str, int, int, tuple[str, ...]]] = {
     "date-time": ('date "T" time', 20, 35, ("date", "time")),
     "uuid": (" \"-\" ".join(f"[0-9a-fA-F]{{{n}}}" for n in (8, 4, 4, 4, 12)), 36, 36, ()),
     "email": (f'[a-zA-Z0-9._+-]{{1,64}} "@" {_LABEL} ("." {_LABEL}){{1,4}}', 5, 64 + 1 + 63 + 4 * 64, ()),
+    # ISO 8601 durations as pydantic writes timedelta: days, then hours, minutes, seconds; at least one
+    "duration": ('"-"? "P" (duration-days ("T" duration-time)? | "T" duration-time)', 3, 61, ("duration-days",
+                                                                                                "duration-time")),
 }
 _URI_HOST = f'("http://" | "https://") {_LABEL} ("." {_LABEL}){{0,3}}'
 _URI_HOST_LENGTH = 8 + 63 + 3 * 64
@@ -358,7 +367,7 @@ class _Converter:
 
     def array(self, schema: dict[str, Any], name: str, where: str) -> str:
         if schema.get("uniqueItems") is True:
-            raise SchemaError(f"uniqueItems (at {where}) cannot be enforced by a grammar")
+            return self.unique_choices(schema, name, where)
         prefix, items = schema.get("prefixItems", []), schema.get("items")
         if isinstance(items, list):  # drafts 4 to 2019-09 write tuples this way
             prefix, items = items, schema.get("additionalItems")
@@ -381,6 +390,31 @@ class _Converter:
                                                          f"{where}/items")
         elements = self.list_of(fixed, item, f'"," {space}', n_min, n_max, name)
         return f'"[" {space} {elements} "]" {space}'
+
+    def unique_choices(self, schema: dict[str, Any], name: str, where: str) -> str:
+        """uniqueItems over a few enum values (pydantic's set[Enum] or set[Literal]): each value at most once,
+        in the enum's order (a valid subset of the orders). Other unique arrays cannot be enforced."""
+        items = schema.get("items")
+        while isinstance(items, dict) and set(items) - _ANNOTATIONS == {"$ref"}:
+            items = self._resolve(items["$ref"], f"{where}/items")
+        values = None
+        if isinstance(items, dict) and not set(items) - _ANNOTATIONS - {"enum", "const", "type"}:
+            values = [items["const"]] if "const" in items else items.get("enum")
+        n_min, n_max = _count(schema, "minItems", where), _count(schema, "maxItems", where, None)
+        if not isinstance(values, list) or len(values) > _MAX_UNIQUE_CHOICES or "prefixItems" in schema:
+            raise SchemaError(f"uniqueItems (at {where}) can only be enforced on an array of at most "
+                              f"{_MAX_UNIQUE_CHOICES} enum values")
+        values = list({json.dumps(v, sort_keys=True): v for v in values}.values())
+        if n_min > 1 or (n_max is not None and n_max < len(values)):
+            raise SchemaError(f"minItems/maxItems at {where} together with uniqueItems cannot be enforced (beyond "
+                              "minItems 1)")
+        literals = [self.visit({"const": v}, name, where) for v in values]
+        pieces = [(self.define(f"{name}-{i}", literal), False) for i, literal in enumerate(literals)]
+        body = self.property_list(pieces, name)  # like optional properties: any subset, commas between
+        if n_min == 1:
+            body = body.removesuffix("?")
+        space = self.primitive("space")
+        return f'"[" {space} {body} "]" {space}'
 
     # -- strings ----------------------------------------------------------------------------------
 
