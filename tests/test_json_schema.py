@@ -254,6 +254,8 @@ def test_counts_past_llama_cpps_repetition_threshold_are_exact(model):
     ({"type": "object", "properties": {"a": {"type": "string", "contains": {}}}}, "'contains' (at #/properties/a)"),
     ({"type": "colour"}, "'type'"),
     ({"$ref": "#/$defs/missing"}, "points to nothing"),
+    ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "branches 0 and 1 may both match"),
+    ({"oneOf": [{"type": "object", "properties": {"k": {"const": "a"}}}, {"type": "object"}]}, "oneOf at #"),
     ({"enum": ["\ud83d"]}, "lone surrogate"),
 ])
 def test_unsupported_keywords_raise_a_grammar_error_naming_them(schema, keyword):

@@ -193,31 +193,28 @@ class _Converter:
         return self.primitive(kind)
 
     def ref(self, ref: Any, where: str) -> str:
-        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
-            raise SchemaError(f"$ref {_short(ref)} at {where} is not supported: only references inside the "
-                              "schema ('#/$defs/Name') are")
         if ref not in self.ref_rules:
-            target: Any = self.root
-            for part in ref[2:].split("/") if ref != "#" else ():
-                key = part.replace("~1", "/").replace("~0", "~")
-                if isinstance(target, dict) and key in target:
-                    target = target[key]
-                elif isinstance(target, list) and key.isdigit() and int(key) < len(target):
-                    target = target[int(key)]
-                else:
-                    raise SchemaError(f"$ref {ref!r} at {where} points to nothing in the schema")
+            target = self.target(ref, where)
             name = self.define(ref.rsplit("/", 1)[-1] if ref != "#" else "root-ref", f"\0{ref}")  # reserved now
             self.ref_rules[ref] = name
             self.rules[name] = self.visit(target, name, ref)
         return self.ref_rules[ref]
 
     def union(self, keyword: str, schema: dict[str, Any], name: str, where: str) -> str:
-        # oneOf is written like anyOf: a value that matches two branches would be invalid, but pydantic emits
-        # oneOf only for unions told apart by a const discriminator, whose branches cannot overlap.
         self._alone(keyword, schema, where)
         branches = schema[keyword]
         if not isinstance(branches, list) or not branches:
             raise SchemaError(f"{keyword} at {where} must be a non-empty list of schemas")
+        # oneOf is written like anyOf, so a value matching two branches would be invalid: its branches must be
+        # told apart by type or by a const/enum property (pydantic's discriminated unions)
+        if keyword == "oneOf":
+            resolved = [self.dereferenced(branch, where) for branch in branches]
+            for i, first in enumerate(resolved):
+                for j in range(i + 1, len(resolved)):
+                    if not _disjoint(first, resolved[j]):
+                        raise SchemaError(f"oneOf at {where}: branches {i} and {j} may both match a value, which "
+                                          "a grammar cannot rule out (use anyOf, or a const property that tells "
+                                          "them apart)")
         return "(" + " | ".join(self.visit(branch, f"{name}-{i}", f"{where}/{keyword}/{i}")
                                 for i, branch in enumerate(branches)) + ")"
 
@@ -232,21 +229,38 @@ class _Converter:
         merged: dict[str, Any] = {"type": "object", "properties": {}, "required": []}
         for i, part in enumerate([*parts, rest]):
             while isinstance(part, dict) and "$ref" in part:
-                part = self._resolve(part["$ref"], f"{where}/allOf/{i}")
+                part = self.target(part["$ref"], f"{where}/allOf/{i}")
             if not isinstance(part, dict) or set(part) - _ANNOTATIONS - {"type", "properties", "required"} or \
                     part.get("type", "object") != "object":
                 raise SchemaError(f"allOf at {where} is supported for one schema or for object schemas with "
                                   "properties and required only")
-            merged["properties"].update(part.get("properties", {}))
+            for key, sub in part.get("properties", {}).items():
+                if merged["properties"].setdefault(key, sub) != sub:  # both would apply: not expressible here
+                    raise SchemaError(f"allOf at {where} describes property {key!r} twice, differently")
             merged["required"] += part.get("required", [])
         return merged
 
-    def _resolve(self, ref: Any, where: str) -> Any:
-        self.ref(ref, where)  # checks it
+    def dereferenced(self, schema: Any, where: str) -> Any:
+        for _ in range(32):  # a chain of plain references
+            if not (isinstance(schema, dict) and "$ref" in schema):
+                return schema
+            schema = self.target(schema["$ref"], where)
+        raise SchemaError(f"$ref at {where} refers to references past 32 in a row")
+
+    def target(self, ref: Any, where: str) -> Any:
+        """The part of the schema that `ref` (a JSON pointer: #/$defs/Name) points to."""
+        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+            raise SchemaError(f"$ref {_short(ref)} at {where} is not supported: only references inside the "
+                              "schema ('#/$defs/Name') are")
         target: Any = self.root
         for part in ref[2:].split("/") if ref != "#" else ():
             key = part.replace("~1", "/").replace("~0", "~")
-            target = target[int(key)] if isinstance(target, list) else target[key]
+            if isinstance(target, dict) and key in target:
+                target = target[key]
+            elif isinstance(target, list) and key.isdigit() and int(key) < len(target):
+                target = target[int(key)]
+            else:
+                raise SchemaError(f"$ref {ref!r} at {where} points to nothing in the schema")
         return target
 
     @staticmethod
@@ -396,7 +410,7 @@ class _Converter:
         in the enum's order (a valid subset of the orders). Other unique arrays cannot be enforced."""
         items = schema.get("items")
         while isinstance(items, dict) and set(items) - _ANNOTATIONS == {"$ref"}:
-            items = self._resolve(items["$ref"], f"{where}/items")
+            items = self.target(items["$ref"], f"{where}/items")
         values = None
         if isinstance(items, dict) and not set(items) - _ANNOTATIONS - {"enum", "const", "type"}:
             values = [items["const"]] if "const" in items else items.get("enum")
@@ -510,6 +524,50 @@ def _json_types(value: Any) -> set[str]:
     if isinstance(value, str):
         return {"string"}
     return {"array"} if isinstance(value, list) else {"object"}
+
+
+def _kinds(schema: Any) -> set[str] | None:
+    """The JSON types `schema` admits, when it says (None: any)."""
+    if not isinstance(schema, dict):
+        return None
+    if "const" in schema:
+        return _json_types(schema["const"])
+    if isinstance(schema.get("enum"), list):
+        return set().union(*map(_json_types, schema["enum"]))
+    kinds = schema.get("type")
+    if isinstance(kinds, str):
+        kinds = [kinds]
+    if not isinstance(kinds, list):
+        return None
+    kinds = set(kinds) | ({"number"} if "integer" in kinds else set()) | ({"integer"} if "number" in kinds else set())
+    return kinds | ({"null"} if schema.get("nullable") is True else set())
+
+
+def _literals(schema: Any) -> list[str] | None:
+    """The values `schema` admits (as JSON), when it lists them."""
+    if isinstance(schema, dict) and "const" in schema:
+        return [json.dumps(schema["const"], sort_keys=True)]
+    if isinstance(schema, dict) and isinstance(schema.get("enum"), list):
+        return [json.dumps(value, sort_keys=True) for value in schema["enum"]]
+    return None
+
+
+def _disjoint(a: Any, b: Any) -> bool:
+    """True when no value can match both schemas: other types, or a required property with other values."""
+    kinds_a, kinds_b = _kinds(a), _kinds(b)
+    if kinds_a is not None and kinds_b is not None and not kinds_a & kinds_b:
+        return True
+    if _literals(a) is not None and _literals(b) is not None:
+        return not set(_literals(a)) & set(_literals(b))
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return False
+    both = set(a.get("required", [])) & set(b.get("required", []))
+    props_a, props_b = a.get("properties", {}), b.get("properties", {})
+    for key in both:
+        values_a, values_b = _literals(props_a.get(key)), _literals(props_b.get(key))
+        if values_a is not None and values_b is not None and not set(values_a) & set(values_b):
+            return True
+    return False
 
 
 def _implied_type(schema: dict[str, Any]) -> str | None:
