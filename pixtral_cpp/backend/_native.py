@@ -95,14 +95,6 @@ def bindings() -> tuple[ModuleType, ModuleType]:
     return llama, mtmd
 
 
-def schema_converter() -> Callable[..., str]:
-    """llama-cpp-python's pure-Python JSON-schema-to-GBNF converter (part of the pinned dependency)."""
-    bindings()  # raises BackendError, with what to install, when llama-cpp-python is missing
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-    return json_schema_to_gbnf
-
-
 def llama_cpp_python() -> ModuleType:
     """llama-cpp-python's own package (its ``Llama`` class, chat formatters), with the logs routed.
 
