@@ -45,8 +45,8 @@ class _Timings(logging.Handler):
         return sum(r.args[-1] for r in self.records if r.msg.startswith(starts))  # type: ignore[index]
 
 
-def run_one(model: Path, budget: int, question: str, cache: Path | None, threads: int, max_tokens: int
-            ) -> dict[str, Any]:
+def run_one(model: Path, budget: int, question: str, cache: Path | None, threads: int, max_tokens: int,
+            use_mmap: bool | None = None) -> dict[str, Any]:
     """One process's measurement (called in a fresh subprocess by the driver)."""
     from pixtral_cpp.disk_cache import entries
     from pixtral_cpp.model import PixtralModel
@@ -57,7 +57,7 @@ def run_one(model: Path, budget: int, question: str, cache: Path | None, threads
     logging.getLogger("pixtral_cpp").setLevel(logging.DEBUG)
     image = np.random.default_rng(0).integers(0, 256, (768, 1024, 3), dtype=np.uint8)  # a 1024x768 photo
     options = ModelOptions(max_image_size=budget, threads=threads, disk_cache=cache is not None,
-                           disk_cache_dir=cache)
+                           disk_cache_dir=cache, use_mmap=use_mmap)
     started = time.monotonic()
     pixtral = PixtralModel.load(model, options=options)
     load = time.monotonic() - started
@@ -73,7 +73,7 @@ def run_one(model: Path, budget: int, question: str, cache: Path | None, threads
             "cache_bytes": sum(e.size for e in entries(cache)) if cache else 0}
 
 
-def serve_once(model: Path, budget: int, question: str, cache: Path, threads: int) -> dict[str, Any]:
+def serve_once(model: Path, budget: int, question: str, cache: Path, threads: int, mmap: str) -> dict[str, Any]:
     """A freshly started server (as after a restart) asked about the photo: load until /health, first token."""
     import base64
     import io
@@ -91,7 +91,8 @@ def serve_once(model: Path, budget: int, question: str, cache: Path, threads: in
     url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
     started = time.monotonic()
     server = subprocess.Popen([sys.executable, "-m", "pixtral_cpp.cli.serve", "-m", str(model), "--port", str(port),
-                               "--threads", str(threads), "--max-image-size", str(budget)],
+                               "--threads", str(threads), "--max-image-size", str(budget)]
+                              + {"auto": [], "on": ["--mmap"], "off": ["--no-mmap"]}[mmap],
                               env={**os.environ, "PIXTRAL_CPP_CACHE_DIR": str(cache)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -137,7 +138,8 @@ def measure(model: Path, budget: int, work: Path, flags: list[str], server: bool
     found = {"cold": _child(model, budget, FIRST, None, flags), "first": _child(model, budget, FIRST, cache, flags),
              "second": _child(model, budget, SECOND, cache, flags)}
     if server:  # a server started after them: restores what the describe processes stored
-        found["server"] = serve_once(model, budget, "Is there any text in this image?", cache, int(flags[1]))
+        found["server"] = serve_once(model, budget, "Is there any text in this image?", cache, int(flags[1]),
+                                     flags[-1])
     return found
 
 
@@ -151,13 +153,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1, help="rounds per budget; medians are printed")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/pixtral-cpp-bench"))
     parser.add_argument("--server", action="store_true", help="also a server started afterwards (a restart)")
+    parser.add_argument("--mmap", choices=["auto", "on", "off"], default="auto",
+                        help="off: the weights are read at load, so the first decode does not fault them in")
     parser.add_argument("--run-one", nargs=4, metavar=("MODEL", "BUDGET", "QUESTION", "CACHE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    flags = ["--threads", str(args.threads), "--max-tokens", str(args.max_tokens)]
+    flags = ["--threads", str(args.threads), "--max-tokens", str(args.max_tokens), "--mmap", args.mmap]
     if args.run_one:
         model, budget, question, cache = args.run_one
         print(json.dumps(run_one(Path(model), int(budget), question, None if cache == "off" else Path(cache),
-                                 args.threads, args.max_tokens)))
+                                 args.threads, args.max_tokens, {"auto": None, "on": True, "off": False}[args.mmap])))
         return
     model = ensure_model(args.work_dir, args.shape, args.quant)
     for budget in args.budget or [512, 1024]:
