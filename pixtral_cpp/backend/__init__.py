@@ -6,7 +6,8 @@ package imports either of them (tests/test_import_boundary.py checks it), so wha
 project needs from llama.cpp is named here:
 
 - models: :class:`TextModel` (text GGUF and its context), :class:`VisionContext` (mmproj, images),
-  :class:`Sampler` and grammars, :class:`IncrementalDecoder`;
+  :class:`Sampler` and grammars, :class:`IncrementalDecoder`; several sequences of one context
+  decoded together: :func:`decode_step` over :class:`Piece` objects (sequences.py, docs/parallel.md);
 - the installed build (build_info): :func:`installed_backend`, :func:`cpu_features`,
   :func:`repacking_is_safe`, :func:`llama_supports_gpu_offload`;
 - logging: :func:`set_verbose`, :func:`log_listener`, :func:`last_native_error`;
@@ -43,6 +44,7 @@ from pixtral_cpp.backend.sampling import (
     SamplingOptions,
     json_schema_grammar,
 )
+from pixtral_cpp.backend.sequences import Piece, decode_step
 from pixtral_cpp.backend.text import TextModel, TextModelOptions
 from pixtral_cpp.backend.vision import ImageEmbedding, VisionContext
 
@@ -52,6 +54,7 @@ __all__ = [
     "IncrementalDecoder",
     "InstalledBackend",
     "NativeDevice",
+    "Piece",
     "Sampler",
     "SamplingError",
     "SamplingOptions",
@@ -60,6 +63,7 @@ __all__ = [
     "VisionContext",
     "bindings",
     "cpu_features",
+    "decode_step",
     "installed_backend",
     "is_gguf",
     "json_schema_grammar",

@@ -1,4 +1,8 @@
-"""A llama.cpp text model with one inference context: tokenize, evaluate tokens or embeddings, logits."""
+"""A llama.cpp text model with one inference context: tokenize, evaluate tokens or embeddings, logits.
+
+The context holds `n_seq` sequences (default 1, sequence 0). The single-sequence calls take `seq` and
+default to 0; several sequences are decoded together by backend/sequences.py (docs/parallel.md).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import gguf
 import numpy as np
 
 from pixtral_cpp.backend._native import bindings, is_gguf, last_native_error
@@ -17,6 +22,8 @@ from pixtral_cpp.backend.build_info import repacking_is_safe
 from pixtral_cpp.errors import BackendError, ModelError
 
 _GGML_TYPE = {"f32": 0, "f16": 1}  # enum ggml_type values used for the KV cache
+_TYPE_BYTES = {"f32": 4, "f16": 2}
+MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ (src/llama-cparams.h): llama.cpp asserts on a sequence id past it
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # enum llama_flash_attn_type
 
 LoadProgress = Callable[[float], None]  # llama.cpp's load progress, 0.0..1.0
@@ -41,10 +48,15 @@ class TextModelOptions:
     # "auto" turns flash attention on for the CPU too, whose kernel works in F16 even with an F32 KV
     # cache (8e-4 relative logit error on the tiny model); "off" is needed for exact parity.
     flash_attn: Literal["auto", "on", "off"] = "auto"
+    # Sequences the context holds, each with up to n_ctx positions of its own (docs/parallel.md). 1 is a
+    # plain context; more make one unified KV cache of n_ctx * n_seq cells that every sequence draws on.
+    n_seq: int = 1
 
     def __post_init__(self) -> None:
         if self.n_ctx < 1 or self.n_batch < 1:
             raise ValueError(f"n_ctx ({self.n_ctx}) and n_batch ({self.n_batch}) must be positive")
+        if not 1 <= self.n_seq <= MAX_SEQUENCES:
+            raise ValueError(f"n_seq must be in 1..{MAX_SEQUENCES}, not {self.n_seq}")
         if self.kv_cache_type not in _GGML_TYPE:
             raise ValueError(f"kv_cache_type must be 'f16' or 'f32', not {self.kv_cache_type!r}")
         if self.flash_attn not in FLASH_ATTN:
@@ -60,7 +72,7 @@ class Closeable(Protocol):
 
 
 class TextModel:
-    """Owns a ``llama_model`` and one ``llama_context`` (sequence 0); frees both on :meth:`close`."""
+    """Owns a ``llama_model`` and one ``llama_context`` (``n_seq`` sequences); frees both on :meth:`close`."""
 
     def __init__(self, path: Path, options: TextModelOptions | None = None, *,
                  on_progress: LoadProgress | None = None) -> None:
@@ -76,7 +88,10 @@ class TextModel:
         self._vocab = self._llama.llama_model_get_vocab(self._model)
         self.n_vocab: int = self._llama.llama_vocab_n_tokens(self._vocab)
         self.n_embd: int = self._llama.llama_model_n_embd_inp(self._model)
-        self.n_ctx: int = self._llama.llama_n_ctx(self._ctx)
+        self.n_seq: int = self.options.n_seq
+        # Positions one sequence may hold (the context's cells are n_ctx * n_seq, rounded up by llama.cpp).
+        self.n_ctx: int = self._llama.llama_n_ctx(self._ctx) // self.n_seq
+        self.kv_bytes_per_position: int = self._kv_bytes_per_position()
 
     def _load_model(self, on_progress: LoadProgress | None) -> int:
         if not self.path.is_file():
@@ -109,9 +124,14 @@ class TextModel:
     def _new_context(self) -> int:
         llama, opts = self._llama, self.options
         params = llama.llama_context_default_params()
-        params.n_ctx = opts.n_ctx
+        params.n_ctx = opts.n_ctx * opts.n_seq
         params.n_batch = params.n_ubatch = opts.n_batch
-        params.n_seq_max = 1
+        params.n_seq_max = opts.n_seq
+        # One pool of cells (one "stream") for every sequence, as llama-server's automatic --parallel. Split
+        # streams would cut each decode into equal per-sequence ubatches (a generating sequence's one token
+        # beside another's prefill chunk would cost two passes over the weights) and refuse the disk cache's
+        # states of a one-sequence context ("n_stream mismatch"). n_seq 1 keeps llama.cpp's default.
+        params.kv_unified = opts.n_seq > 1
         params.n_threads = params.n_threads_batch = opts.threads
         params.type_k = params.type_v = _GGML_TYPE[opts.kv_cache_type]
         params.flash_attn_type = FLASH_ATTN[opts.flash_attn]
@@ -121,6 +141,22 @@ class TextModel:
             llama.llama_model_free(self._model)
             raise BackendError(f"llama.cpp could not create a context for {self.path}: {last_native_error()}")
         return ctx
+
+    def _kv_bytes_per_position(self) -> int:
+        """Bytes of K and V one position costs in every layer, by the KV type and the model's shape."""
+        llama, model = self._llama, self._model
+        arch = self._meta(gguf.Keys.General.ARCHITECTURE)
+        n_head, n_head_kv = llama.llama_model_n_head(model), llama.llama_model_n_head_kv(model)
+        default = llama.llama_model_n_embd(model) // max(n_head, 1)  # llama.cpp's rule without the keys
+        key = int(self._meta(gguf.Keys.Attention.KEY_LENGTH.format(arch=arch)) or default)
+        value = int(self._meta(gguf.Keys.Attention.VALUE_LENGTH.format(arch=arch)) or default)
+        return llama.llama_model_n_layer(model) * n_head_kv * (key + value) * _TYPE_BYTES[self.options.kv_cache_type]
+
+    def _meta(self, key: str) -> str:
+        """A GGUF metadata value of the loaded model as text, "" when it has none."""
+        buf = ctypes.create_string_buffer(256)
+        n = self._llama.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else ""
 
     # -- resources -------------------------------------------------------------------------------
 
@@ -210,44 +246,59 @@ class TextModel:
 
     @property
     def n_past(self) -> int:
-        """Positions held in the KV cache (the next token goes to this position)."""
-        _, ctx = self._handles()
-        mem = self._llama.llama_get_memory(ctx)
-        return self._llama.llama_memory_seq_pos_max(mem, 0) + 1
+        """Positions sequence 0 holds in the KV cache (its next token goes to this position)."""
+        return self.positions(0)
 
-    def clear(self) -> None:
-        """Forget everything in the KV cache."""
-        _, ctx = self._handles()
-        self._llama.llama_memory_clear(self._llama.llama_get_memory(ctx), True)
+    def positions(self, seq: int = 0) -> int:
+        """Positions sequence ``seq`` holds (its next token goes to this position)."""
+        mem = self._memory(seq)
+        return self._llama.llama_memory_seq_pos_max(mem, seq) + 1
 
-    def trim(self, n_keep: int) -> None:
-        """Keep the first ``n_keep`` positions of the KV cache, drop the rest (reuse of a shared prefix)."""
-        _, ctx = self._handles()
-        if not self._llama.llama_memory_seq_rm(self._llama.llama_get_memory(ctx), 0, n_keep, -1):
+    def clear(self, seq: int | None = None) -> None:
+        """Forget everything in the KV cache, or only what sequence ``seq`` holds."""
+        if seq is None or self.n_seq == 1:  # one sequence: the whole cache, as always
+            mem = self._memory(0 if seq is None else seq)
+            self._llama.llama_memory_clear(mem, True)
+        else:
+            self._llama.llama_memory_seq_rm(self._memory(seq), seq, -1, -1)
+
+    def trim(self, n_keep: int, seq: int = 0) -> None:
+        """Keep the first ``n_keep`` positions of sequence ``seq``, drop the rest (reuse of a shared prefix)."""
+        if not self._llama.llama_memory_seq_rm(self._memory(seq), seq, n_keep, -1):
             raise BackendError(f"llama.cpp could not trim the KV cache to {n_keep} positions")
 
-    def sequence_state(self) -> bytearray:
-        """llama.cpp's serialized state of sequence 0 (its KV cells), for restore_sequence_state."""
-        _, ctx = self._handles()
-        size = self._llama.llama_state_seq_get_size(ctx, 0)
+    def sequence_state(self, seq: int = 0) -> bytearray:
+        """llama.cpp's serialized state of sequence ``seq`` (its KV cells), for restore_sequence_state."""
+        self._memory(seq)
+        ctx = self._ctx
+        size = self._llama.llama_state_seq_get_size(ctx, seq)
         data = bytearray(size)  # written in place by llama.cpp: no second copy of hundreds of MB
-        written = self._llama.llama_state_seq_get_data(ctx, _bytes_pointer(data), size, 0) if size else 0
+        written = self._llama.llama_state_seq_get_data(ctx, _bytes_pointer(data), size, seq) if size else 0
         if size == 0 or written != size:
             raise BackendError(f"llama.cpp could not copy the KV cache's state ({written} of {size} bytes)")
         return data
 
-    def restore_sequence_state(self, data: bytearray) -> int:
-        """Replace sequence 0 with a state from sequence_state; the positions it holds now.
+    def restore_sequence_state(self, data: bytearray, seq: int = 0) -> int:
+        """Replace sequence ``seq`` with a state from sequence_state (of any sequence); the positions it holds now.
 
         llama.cpp checks the state's layout and refuses (0) one that does not fit this context; the
-        KV cache is then emptied, never left half restored.
+        sequence is then emptied, never left half restored.
         """
-        _, ctx = self._handles()
-        if not data or self._llama.llama_state_seq_set_data(ctx, _bytes_pointer(data), len(data), 0) == 0:
-            self.clear()
+        self._memory(seq)
+        ok = bool(data) and self._llama.llama_state_seq_set_data(self._ctx, _bytes_pointer(data), len(data), seq) != 0
+        if not ok:
+            self.clear(seq)
             raise BackendError(f"llama.cpp refused a saved KV cache state of {len(data)} bytes: "
                                f"{last_native_error()}")
-        return self.n_past
+        return self.positions(seq)
+
+    def _memory(self, seq: int) -> int:
+        """The context's memory handle, once ``seq`` is known to be one of its sequences."""
+        _, ctx = self._handles()
+        # llama.cpp asserts (aborts the process) on a sequence id it does not hold.
+        if not 0 <= seq < self.n_seq:
+            raise ValueError(f"sequence {seq} is not one of this context's {self.n_seq} (0..{self.n_seq - 1})")
+        return self._llama.llama_get_memory(ctx)
 
     def eval_tokens(self, tokens: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
         """Append ``tokens``; logits of the last position (n_vocab,) or of every one (n_tokens, n_vocab)."""
@@ -292,27 +343,34 @@ class TextModel:
     def _decode_batch(
         self, ctx: int, ids: np.ndarray | None, rows: np.ndarray | None, pos0: int, flags: np.ndarray
     ) -> None:
+        m = len(flags)
+        self._decode_rows(ctx, ids, rows, np.arange(pos0, pos0 + m, dtype=np.int32), np.zeros(m, np.int32), flags)
+
+    def _decode_rows(self, ctx: int, ids: np.ndarray | None, rows: np.ndarray | None, pos: np.ndarray,
+                     seqs: np.ndarray, flags: np.ndarray) -> None:
+        """One llama_decode of at most n_batch rows: row i at position pos[i] of sequence seqs[i]."""
         llama = self._llama
         m = len(flags)
         # The batch points into these numpy arrays; llama_decode copies what it needs before returning.
-        pos = np.arange(pos0, pos0 + m, dtype=np.int32)
+        pos = np.ascontiguousarray(pos, dtype=np.int32)
         n_seq = np.ones(m, dtype=np.int32)
-        seq0 = ctypes.c_int32(0)
-        seq_ptrs = (ctypes.POINTER(ctypes.c_int32) * m)(*([ctypes.pointer(seq0)] * m))
+        seq_ids = np.ascontiguousarray(seqs, dtype=np.int32)
+        seq_ptrs = seq_ids.ctypes.data + seq_ids.itemsize * np.arange(m, dtype=np.uintp)  # &seq_ids[i]
         batch = llama.llama_batch()
         batch.n_tokens = m
         batch.token = ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)) if ids is not None else None
         batch.embd = rows.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) if rows is not None else None
         batch.pos = pos.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
         batch.n_seq_id = n_seq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        batch.seq_id = seq_ptrs
+        batch.seq_id = seq_ptrs.ctypes.data_as(ctypes.POINTER(ctypes.POINTER(ctypes.c_int32)))
         batch.logits = flags.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
         status = llama.llama_decode(ctx, batch)
         if status != 0:
             raise BackendError(f"llama_decode failed with status {status}: {last_native_error()}")
 
-    def _copy_logits(self, ctx: int, n_rows: int) -> np.ndarray:
-        ptr = self._llama.llama_get_logits_ith(ctx, -1) if n_rows == 1 else self._llama.llama_get_logits(ctx)
+    def _copy_logits(self, ctx: int, n_rows: int, row: int = -1) -> np.ndarray:
+        """The logits of the last decode: of its batch row `row` (n_rows 1), or of every output row."""
+        ptr = self._llama.llama_get_logits_ith(ctx, row) if n_rows == 1 else self._llama.llama_get_logits(ctx)
         if not ptr:
             raise BackendError("llama.cpp returned no logits")
         logits = np.ctypeslib.as_array(ptr, shape=(n_rows, self.n_vocab)).copy()
