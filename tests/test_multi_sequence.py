@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import math
 
+import gguf
 import numpy as np
 import pytest
+from gguf.quants import dequantize
 
 from pixtral_cpp.backend import TextModel, TextModelOptions, VisionContext
 from pixtral_cpp.backend.sequences import Piece, decode_step
 from pixtral_cpp.errors import BackendError, ModelError
 from tests.gguf_helpers import fill_tensor
 
-# Measured (tiny model, 2 threads) as the max |together - alone| over the largest logit: F32 weights and
-# KV without flash attention 2.5e-7 (float32 rounding: the batch's matmul shapes change the summation
-# order); the defaults (F16 weights and KV, flash attention) 4.1e-4, one F16 rounding (2^-11 = 4.9e-4).
+# Measured (tiny model, 2 threads) as the max |together - alone| over the largest logit: an F32 KV cache
+# without flash attention 3.4e-7 (F32 weights) and 3.8e-7 (Q4_K_M), float32 rounding (the step's rows change
+# the summation order); the defaults (F16 weights and KV, flash attention) 5.0e-4, one F16 rounding
+# (2^-11 = 4.9e-4). Q4_K_M with F16 attention differs by 1.4e-2: docs/parallel.md, "Numerics".
 EXACT = dict(kv_cache_type="f32", flash_attn="off"), 1e-6
 DEFAULT = dict(kv_cache_type="f16", flash_attn="auto"), 2e-3
 
@@ -54,10 +57,11 @@ def alone(text: TextModel, prompt, steps: int) -> list[np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("model, setting", [("F32", EXACT), ("F16", DEFAULT)], ids=["exact", "default"])
+@pytest.mark.parametrize("model, setting", [("F32", EXACT), ("Q4_K_M", EXACT), ("F16", DEFAULT)],
+                         ids=["exact", "quantized-exact", "default"])
 def test_sequences_decoded_together_match_each_alone(converted, prompts, model, setting):
     kw, tolerance = setting
-    path = converted(model, model)[0]
+    path = converted(model)[0]
     with TextModel(path, options(1, **kw)) as single:
         expected = {name: alone(single, prompt, 3) for name, prompt in prompts.items()}
     head, rows, tail = prompts["image"]
@@ -191,3 +195,15 @@ def test_memory_per_position_is_what_llama_cpp_stores(tiny_gguf_pair):
 def test_a_number_of_sequences_llama_cpp_cannot_hold_is_refused(n_seq):
     with pytest.raises(ValueError, match="n_seq must be in 1..256"):
         options(n_seq)
+
+
+@pytest.mark.parametrize("model", ["F16", "Q4_K_M"])
+def test_tokens_given_as_their_embedding_rows_decode_the_same(converted, model):
+    """What lets a step hold tokens beside image rows in one batch (docs/parallel.md, "mixed steps")."""
+    path = converted(model)[0]
+    table = next(t for t in gguf.GGUFReader(path).tensors if t.name == "token_embd.weight")
+    ids = [1, 3, *range(200, 230), 4]
+    rows = dequantize(np.asarray(table.data)[ids], table.tensor_type).reshape(len(ids), -1)
+    with TextModel(path, options(2, **DEFAULT[0])) as text:
+        out = decode_step(text, [Piece.of_tokens(0, ids), Piece.of_embeddings(1, rows, logits=True)])
+        assert np.array_equal(out[0], out[1])  # bit for bit
