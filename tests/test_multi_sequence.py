@@ -95,6 +95,19 @@ def test_sequences_decoded_together_match_each_alone(converted, prompts, model, 
         assert text.positions(2) == len(head) + len(rows) + len(tail) + 3
 
 
+def test_a_step_past_n_batch_is_several_decodes_with_each_sequences_logits(tiny_gguf_pair):
+    first, second = [1, 3, *range(100, 400)], [1, 3, *range(500, 760)]  # 302 + 262 rows > n_batch 512
+    with TextModel(tiny_gguf_pair[0], options(1, **EXACT[0])) as single:
+        expected = [single.eval_tokens(first)]
+        single.clear()
+        expected.append(single.eval_tokens(second))
+    with TextModel(tiny_gguf_pair[0], options(2, **EXACT[0])) as text:
+        out = decode_step(text, [Piece.of_tokens(0, first), Piece.of_tokens(1, second)])
+        for seq in (0, 1):
+            assert relative(out[seq], expected[seq]) <= EXACT[1]
+        assert (text.positions(0), text.positions(1)) == (len(first), len(second))
+
+
 @pytest.fixture
 def three(tiny_gguf_pair):
     with TextModel(tiny_gguf_pair[0], options(3, **EXACT[0])) as text:
