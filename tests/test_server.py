@@ -6,9 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,18 +25,12 @@ from pixtral_cpp.errors import ImageError
 from pixtral_cpp.images import MAX_IMAGE_SIZE
 from pixtral_cpp.server import ServerConfig, UnsafeBindError, check_bind_address
 from pixtral_cpp.server.protocol import RequestError, parse_chat_request
+from tests.served import serving
 
 KEY = "test-key-123"
 MODEL_ID = "pixtral-12b"
 MAX_IMAGE_PIXELS = 10_000
 MAX_IMAGES = 2
-STARTUP_SECONDS = 90
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,43 +42,12 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(converted, image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Base URL of `python -m pixtral_cpp.cli.serve` on a free loopback port, stopped afterwards."""
     text, mmproj = converted("F16", "F16")
-    port = _free_port()
-    log = (tmp_path_factory.mktemp("server-log") / "server.log").open("w+")
-    command = [sys.executable, "-m", "pixtral_cpp.cli.serve", "-m", str(text), "--mmproj", str(mmproj),
-               "--port", str(port), "--ctx", "2048", "--threads", "2", "--max-image-size", "64",
-               "--max-image-pixels", str(MAX_IMAGE_PIXELS), "--max-images", str(MAX_IMAGES),
-               "--max-body-mb", "1", "--allow-image-folder", str(image_folder)]
-    env = {**os.environ, "PIXTRAL_CPP_API_KEY": KEY, "OMP_WAIT_POLICY": "PASSIVE"}
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_healthy(base, process, log)
+    log = tmp_path_factory.mktemp("server-log") / "server.log"
+    with serving(text, mmproj, log, "--ctx", "2048", "--max-image-size", "64",
+                 "--max-image-pixels", str(MAX_IMAGE_PIXELS), "--max-images", str(MAX_IMAGES),
+                 "--max-body-mb", "1", "--allow-image-folder", str(image_folder), key=KEY) as base:
         yield base
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-
-
-def _wait_until_healthy(base: str, process: subprocess.Popen[bytes], log: Any) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"the server exited with {process.returncode}:\n{log.read()[-3000:]}")
-        try:
-            if _health(base)["status"] == "ok":
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"the server did not answer /health within {STARTUP_SECONDS} s")
 
 
 def _health(base: str) -> dict[str, Any]:

@@ -126,12 +126,12 @@ def load_model(args: ModelArgs, **extra_options: Any) -> PixtralModel:
 
 def resolve_model_files(args: ModelArgs) -> ResolvedModel:
     """The pair the options name, a hub repo pulled with a progress bar; a first run offers the default model."""
-    from pixtral_cpp.cli.pull import DownloadProgress
+    from pixtral_cpp.cli.progress import TerminalProgress
     from pixtral_cpp.model_sources import model_available_without_download, resolve_model
 
     if args.model is None and not model_available_without_download():
         offer_default_model(args.yes)
-    resolved = resolve_model(args.model, args.mmproj, args.mmproj_quant, progress=DownloadProgress())
+    resolved = resolve_model(args.model, args.mmproj, args.mmproj_quant, progress=TerminalProgress(show_speed=True))
     for note in resolved.notes:
         click.echo(note, err=True)
     return resolved
@@ -139,7 +139,7 @@ def resolve_model_files(args: ModelArgs) -> ResolvedModel:
 
 def offer_default_model(yes: bool) -> None:
     """No model anywhere: pull the default when accepted (--yes, $PIXTRAL_CPP_YES, or asked on a terminal)."""
-    from pixtral_cpp.cli.pull import DownloadProgress
+    from pixtral_cpp.cli.progress import TerminalProgress
     from pixtral_cpp.hub_models import hub_cache_dir, pull
     from pixtral_cpp.paths import default_models_dir
 
@@ -155,7 +155,7 @@ def offer_default_model(yes: bool) -> None:
                    f"({hub_cache_dir()}).", err=True)
         if not click.confirm("Download it now?", default=True, err=True):
             raise click.ClickException(f"no model; run `{command}` when you want it, or pass --model")
-    pull(DEFAULT_HUB_MODEL, progress=DownloadProgress())
+    pull(DEFAULT_HUB_MODEL, progress=TerminalProgress(show_speed=True))
 
 
 def _default_model_size() -> str:
