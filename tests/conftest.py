@@ -27,6 +27,14 @@ def _empty_prompt_cache() -> None:
         if entry.is_file():
             entry.unlink(missing_ok=True)
 
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Corrected copies of others' mmproj files go to the test's own folder, never the user's cache."""
+    monkeypatch.setenv("PIXTRAL_CPP_CORRECTED_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 from pixtral_cpp.convert import ConvertOptions, convert_checkpoint  # noqa: E402
 from pixtral_cpp.synthetic import write_synthetic_checkpoint  # noqa: E402
 

@@ -30,6 +30,7 @@ from pixtral_cpp.model import PixtralModel
 from pixtral_cpp.options import GenerationOptions, ModelOptions
 from pixtral_cpp.remote_batch import RemoteOptions, prepared_png, run_remote_batch
 from pixtral_cpp.remote_endpoint import DEFAULT_TIMEOUT, base_url, retry_after
+from tests.test_batch import read_records  # the same record invariant as the local batch's
 
 KEY = "remote-batch-key"
 PROMPT = "What is this?"
@@ -123,16 +124,6 @@ def local_records(model_files, folder, tmp_path_factory) -> dict[str, dict]:
     with PixtralModel.load(*model_files, options) as model:
         run_batch(model, collect_images([folder]), out, prompt=PROMPT, generation=GREEDY)
     return {Path(r["path"]).name: r for r in read_records(out)}
-
-
-def read_records(path: Path) -> list[dict]:
-    raw = path.read_bytes()
-    assert raw == b"" or raw.endswith(b"\n"), "the file must end with a complete line"
-    records = [json.loads(line) for line in raw.splitlines()]
-    for record in records:
-        assert set(record) == {"path", "answer", "error", "stats", "prompt"}
-        assert (record["answer"] is None) == (record["error"] is not None) == (record["stats"] is None)
-    return records
 
 
 def assert_each_image_once(records: list[dict], folder: Path) -> None:

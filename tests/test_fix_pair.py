@@ -20,18 +20,11 @@ from pixtral_cpp.model import PixtralModel
 from pixtral_cpp.model_files import ModelFiles, inspect_pair
 from pixtral_cpp.options import ModelOptions
 from pixtral_cpp.pair_quirks import FIXED_BY_KEY, LLAMA_CPP_WRITER, PIXTRAL_CPP_FIX_WRITER
-from pixtral_cpp.paths import CORRECTED_DIR_ENV
 from tests.quirky_files import KEEP, LLAMA_CPP_HF, LLAMA_CPP_NATIVE, Quirks, rewrite_with_keys, write_quirky_pair
 from tests.test_runtime_parity import photo_like
 
 EXACT = ModelOptions(n_ctx=4096, threads=2, kv_cache_type="f32", flash_attn="off")
 EVERY_QUIRK = Quirks(std_is_mean=True, context_length=False)  # no img_break, no template, pre pixtral, size label
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(CORRECTED_DIR_ENV, str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 @pytest.fixture(scope="module")

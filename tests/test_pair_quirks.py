@@ -18,7 +18,6 @@ from pixtral_cpp.model import PixtralModel
 from pixtral_cpp.model_files import ModelFiles, check_pair, inspect_pair
 from pixtral_cpp.options import ModelOptions
 from pixtral_cpp.pair_quirks import LLAMA_CPP_WRITER, PIXTRAL_CPP_WRITER, Handling
-from pixtral_cpp.paths import CORRECTED_DIR_ENV
 from tests.quirky_files import (
     KEEP,
     LLAMA_CPP_HF,
@@ -32,12 +31,6 @@ from tests.test_runtime_parity import photo_like, reference_logits, relative_err
 
 EXACT = ModelOptions(n_ctx=4096, threads=2, kv_cache_type="f32", flash_attn="off")
 QUESTION = "What is in this picture?"
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(CORRECTED_DIR_ENV, str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 @pytest.fixture(scope="module")
